@@ -1,0 +1,50 @@
+# Loopwise: `make demo` runs the main job from scratch, `make test` runs the tests.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: install system-deps demo test test-unit lint format bench clean
+
+install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Debian's redis-server; Java 17 and Maven fetch and run the Kafka broker (jars from Maven Central).
+system-deps:
+	@command -v redis-server >/dev/null 2>&1 || { \
+	  echo "installing Debian's redis-server"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null && \
+	  { $(SUDO) service redis-server stop >/dev/null 2>&1 || true; }; }
+	@command -v java >/dev/null 2>&1 || { echo "Java 17+ is required to run the Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
+	@command -v mvn  >/dev/null 2>&1 || { echo "Maven is required to fetch the Kafka broker's jars (apt-get install maven)"; exit 1; }
+
+demo: install  ## infra up, worker, simulated traffic, summary of what landed in Redis
+	$(BIN)/loopwise demo
+
+test: install  ## unit + integration tests (starts its own Kafka broker and Redis on free ports)
+	$(BIN)/python -m pytest -q
+
+test-unit: install
+	$(BIN)/python -m pytest -q -m "not integration"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+bench: install  ## end-to-end throughput: worker vs raw consumption ceiling
+	$(BIN)/python -m bench.bench_worker
+
+clean:
+	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache

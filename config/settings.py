@@ -1,0 +1,203 @@
+"""Typed settings for every Loopwise command.
+
+Values come, highest precedence first, from: keyword arguments, ``LOOPWISE_*``
+environment variables, a TOML config file (``LOOPWISE_CONFIG`` or ``--config``),
+then the defaults below. Secrets (passwords in URLs, SASL credentials) are read
+from the environment only, never from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import orjson
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed; the message names it and what is allowed."""
+
+
+class TomlFileSource(PydanticBaseSettingsSource):
+    """Reads the ``[loopwise]`` table (or the top level) of a TOML file."""
+
+    def __init__(self, settings_cls: type[BaseSettings], path: Path | None) -> None:
+        super().__init__(settings_cls)
+        self._data: dict[str, Any] = {}
+        if path is None:
+            return
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist (set by LOOPWISE_CONFIG or --config)"
+            )
+        try:
+            raw = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        data = raw.get("loopwise", raw)
+        secrets = {"redis_password", "sasl_password"} & set(data)
+        if secrets:
+            raise ConfigError(
+                f"config file {path} sets {', '.join(sorted(secrets))}: secrets are read only from "
+                "the environment (LOOPWISE_REDIS_PASSWORD, LOOPWISE_SASL_PASSWORD)"
+            )
+        self._data = data
+
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
+        return self._data.get(field_name), field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in self._data.items() if k in self.settings_cls.model_fields}
+
+
+class Settings(BaseSettings):
+    """Every knob of Loopwise, with its default. Environment: ``LOOPWISE_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="LOOPWISE_", extra="forbid", frozen=True)
+
+    # Where things are.
+    bootstrap_servers: str = Field(
+        "127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]"
+    )
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
+    redis_password: str | None = Field(None, description="Redis password (environment only)")
+    key_prefix: str = Field("loopwise:", description="prefix of every Redis key")
+    state_dir: Path = Field(
+        Path("state"), description="folder for local infra data, logs and pid files"
+    )
+
+    # Topics.
+    events_topic: str = "loopwise.events"
+    deadletter_topic: str = "loopwise.deadletter"
+    propensity_log_topic: str = "loopwise.propensity-log"
+    topic_partitions: int = Field(
+        4, ge=1, le=1024, description="partitions of topics Loopwise creates"
+    )
+
+    # Worker.
+    app_id: str = Field("loopwise-worker", description="Faust app id = Kafka consumer group")
+    batch_size: int = Field(2000, ge=1, le=100_000, description="max events per processed batch")
+    batch_within_s: float = Field(
+        0.2, gt=0, le=60, description="max seconds to wait to fill a batch"
+    )
+    max_event_bytes: int = Field(
+        65_536, ge=256, le=10_485_760, description="larger events are dead-lettered unread"
+    )
+    dedupe_window_s: int = Field(
+        86_400, ge=60, description="an event_id seen within this many seconds is a duplicate"
+    )
+    recent_items: int = Field(20, ge=0, le=1000, description="how many last items to keep per user")
+    affinity_half_life_ms: int = Field(
+        7 * 86_400_000, ge=1, description="half-life of category affinities (event time)"
+    )
+    affinity_weights: dict[str, float] = Field(
+        default_factory=lambda: {"view": 1.0, "click": 3.0, "purchase": 10.0},
+        description="affinity added per event type",
+    )
+    worker_log_level: Literal["debug", "info", "warning", "error"] = "info"
+    metrics_port: int = Field(
+        0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)"
+    )
+
+    # Learning loop.
+    attribution_window_ms: int = Field(
+        600_000, ge=1, description="how long a decision collects rewards"
+    )
+    default_reward: float = 0.0
+
+    # Local infrastructure.
+    kafka_version: str = Field(
+        "4.1.1", description="Apache Kafka broker release fetched from Maven Central"
+    )
+    kafka_controller_port: int = Field(9093, ge=1, le=65535)
+
+    @field_validator("key_prefix")
+    @classmethod
+    def _prefix_is_printable(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a non-empty string without whitespace, e.g. 'loopwise:'")
+        return value
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _servers_have_ports(cls, value: str) -> str:
+        for server in value.split(","):
+            host, _, port = server.strip().rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"{server!r} is not host:port; expected e.g. '127.0.0.1:9092'")
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                "must start with redis://, rediss:// or unix://, e.g. 'redis://127.0.0.1:6379/0'"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        path = os.environ.get("LOOPWISE_CONFIG")
+        return (
+            init_settings,
+            env_settings,
+            TomlFileSource(settings_cls, Path(path) if path else None),
+        )
+
+    # Derived values.
+    def key(self, *parts: str) -> str:
+        """The Redis key ``{prefix}{part0}:{part1}…``."""
+        return self.key_prefix + ":".join(parts)
+
+    def as_env(self) -> dict[str, str]:
+        """These settings as ``LOOPWISE_*`` variables, to hand to a child process."""
+        env = {}
+        for name, value in self.model_dump(exclude_none=True).items():
+            text = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+            env["LOOPWISE_" + name.upper()] = text
+        return env
+
+    @property
+    def kafka_port(self) -> int:
+        return int(self.bootstrap_servers.split(",")[0].rpartition(":")[2])
+
+    @property
+    def redis_port(self) -> int:
+        from urllib.parse import urlparse
+
+        return urlparse(self.redis_url).port or 6379
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build the settings, turning pydantic's errors into one ``ConfigError`` a user can act on."""
+    if config_file is not None:
+        os.environ["LOOPWISE_CONFIG"] = str(config_file)
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "?"
+            env = "LOOPWISE_" + str(err["loc"][0]).upper() if err["loc"] else ""
+            allowed = _allowed(err)
+            lines.append(f"setting '{name}' ({env}) = {err.get('input')!r}: {err['msg']}{allowed}")
+        raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
+
+
+def _allowed(err: Any) -> str:
+    if err["type"] == "extra_forbidden":
+        known = ", ".join(sorted(Settings.model_fields))
+        return f" (unknown setting; known settings: {known})"
+    return ""

@@ -1,0 +1,1 @@
+"""Loopwise: a streaming personalization engine."""

@@ -1,0 +1,603 @@
+"""A real single-node Apache Kafka broker (KRaft mode), run from jars fetched from Maven Central.
+
+No Docker and no tarball: ``mvn dependency:copy-dependencies`` over a tiny generated pom gives
+the broker's classpath, cached once per version outside the repo, and the machine's Java runs
+``kafka.Kafka`` with a config written here. The process plumbing at the bottom of this module
+(pid files, locks, detached start, process-group stop) is shared with
+:mod:`loopwise.infra.redis_server`.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+log = logging.getLogger("loopwise.infra")
+
+#: Pinned because Maven 3.8's default maven-dependency-plugin is too old to be trusted.
+DEPENDENCY_PLUGIN_VERSION = "3.8.1"
+_LOG4J = "org.apache.logging.log4j"
+_ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class InfraError(RuntimeError):
+    """Local infrastructure could not be fetched, started or stopped; the message says why."""
+
+
+def _version_tuple(version: str) -> tuple[int, int, int]:
+    parts = version.split(".")
+    if len(parts) != 3 or not all(p.isdigit() for p in parts):
+        raise InfraError(f"Kafka version {version!r} is not MAJOR.MINOR.PATCH, e.g. '4.1.1'")
+    return int(parts[0]), int(parts[1]), int(parts[2])
+
+
+def logging_dependencies(version: str) -> list[tuple[str, str, str]]:
+    """The logging jars the broker needs beside ``kafka_2.13``: only the tarball ships them.
+
+    Without the SLF4J binding the broker runs but logs nothing, which makes a failed start
+    impossible to diagnose. Versions follow each Kafka release's own build.
+    """
+    v = _version_tuple(version)
+    if v[:2] == (3, 9):
+        return [("org.slf4j", "slf4j-reload4j", "1.7.36")]
+    if v[:2] == (4, 0):
+        return [(_LOG4J, a, "2.24.3") for a in ("log4j-slf4j-impl", "log4j-api", "log4j-core")]
+    if (4, 1, 0) <= v <= (4, 1, 1):
+        return [(_LOG4J, "log4j-slf4j-impl", "2.24.3")]
+    if (4, 1, 2) <= v < (4, 3, 0):
+        return [(_LOG4J, "log4j-slf4j-impl", "2.25.3")]
+    if v[:2] == (4, 3):
+        return [(_LOG4J, "log4j-slf4j-impl", "2.25.4")]
+    raise InfraError(
+        f"Kafka version {version!r} is not supported by loopwise.infra "
+        "(supported: 3.9.x, 4.0.x, 4.1.x, 4.2.x, 4.3.x); set LOOPWISE_KAFKA_VERSION to one of them"
+    )
+
+
+def render_pom(version: str) -> str:
+    """A pom whose only job is to name the broker's jars for ``dependency:copy-dependencies``."""
+    deps = [("org.apache.kafka", "kafka_2.13", version), *logging_dependencies(version)]
+    dep_xml = "\n".join(
+        f"    <dependency><groupId>{g}</groupId><artifactId>{a}</artifactId>"
+        f"<version>{v}</version></dependency>"
+        for g, a, v in deps
+    )
+    return f"""<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>io.loopwise</groupId>
+  <artifactId>kafka-broker-libs</artifactId>
+  <version>{version}</version>
+  <packaging>pom</packaging>
+  <dependencies>
+{dep_xml}
+  </dependencies>
+  <build>
+    <plugins>
+      <plugin>
+        <groupId>org.apache.maven.plugins</groupId>
+        <artifactId>maven-dependency-plugin</artifactId>
+        <version>{DEPENDENCY_PLUGIN_VERSION}</version>
+      </plugin>
+    </plugins>
+  </build>
+</project>
+"""
+
+
+def new_cluster_id() -> str:
+    """16 random bytes, URL-safe base64 without padding, as ``StorageTool random-uuid`` makes.
+
+    Made here so formatting needs one JVM start instead of two; an id starting with '-'
+    would be read as a command-line flag, so it is redrawn.
+    """
+    while True:
+        cid = base64.urlsafe_b64encode(os.urandom(16)).rstrip(b"=").decode("ascii")
+        if not cid.startswith("-"):
+            return cid
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/loopwise/kafka``, default ``~/.cache/loopwise/kafka``: outside the repo."""
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "loopwise" / "kafka"
+
+
+class KafkaBroker:
+    """One single-node KRaft broker whose config, data, logs and pid file live in ``state_dir``.
+
+    ``start`` is idempotent and ``stop`` harmless when nothing runs, so the CLI, the demo and
+    the tests can all call them without first asking what state things are in.
+
+    ``cache_dir`` is the root of the jar cache; jars live in ``cache_dir/{version}/libs``.
+    """
+
+    def __init__(
+        self,
+        version: str,
+        host: str = "127.0.0.1",
+        *,
+        port: int,
+        controller_port: int,
+        state_dir: Path,
+        cache_dir: Path | None = None,
+        heap: str = "512M",
+    ) -> None:
+        logging_dependencies(version)  # reject an unsupported version now, not at start
+        if port == controller_port:
+            raise InfraError(f"Kafka port and controller port must differ (both are {port})")
+        self.version = version
+        self.host = host
+        self.port = port
+        self.controller_port = controller_port
+        self.state_dir = Path(state_dir).absolute()
+        self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir()
+        self.heap = heap
+
+    def __repr__(self) -> str:
+        return (
+            f"KafkaBroker(version={self.version!r}, bootstrap={self.bootstrap_servers!r}, "
+            f"controller_port={self.controller_port}, state_dir={str(self.state_dir)!r})"
+        )
+
+    # Where things are.
+    @property
+    def bootstrap_servers(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def jars_dir(self) -> Path:
+        return self.cache_dir / self.version / "libs"
+
+    @property
+    def server_properties(self) -> Path:
+        return self.state_dir / "server.properties"
+
+    @property
+    def data_dir(self) -> Path:
+        return self.state_dir / "kraft-logs"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.state_dir / "logs"
+
+    @property
+    def server_log(self) -> Path:
+        return self.logs_dir / "server.log"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.state_dir / "kafka.pid"
+
+    @property
+    def _legacy_logging(self) -> bool:
+        """3.9.x logs through reload4j (log4j 1 properties), 4.x through Log4j 2."""
+        return _version_tuple(self.version) < (4, 0, 0)
+
+    @property
+    def _logging_config(self) -> Path:
+        name = "log4j.properties" if self._legacy_logging else "log4j2.yaml"
+        return self.state_dir / name
+
+    # Jars.
+    def ensure_jars(self) -> Path:
+        """The broker's classpath folder, fetched once per version with ``mvn``.
+
+        The fetch goes to a temporary folder renamed into place, under a file lock, so a
+        half-finished download is never used and two concurrent starts fetch once.
+        """
+        libs = self.jars_dir
+        if self._has_jars(libs):
+            return libs
+        with file_lock(libs.parent / ".fetch.lock", f"fetch of Kafka {self.version} jars"):
+            if self._has_jars(libs):
+                return libs
+            if libs.exists():  # e.g. jars deleted by hand: fetch everything again
+                shutil.rmtree(libs)
+            mvn = shutil.which("mvn")
+            if mvn is None:
+                raise InfraError(
+                    "mvn not found on PATH: it fetches the Kafka broker's jars from Maven "
+                    "Central; install Maven (Debian: apt-get install maven)"
+                )
+            log.info(
+                "fetching Kafka %s jars from Maven Central into %s (once per version)...",
+                self.version,
+                libs,
+            )
+            started = time.monotonic()
+            with tempfile.TemporaryDirectory(prefix=".fetch-", dir=libs.parent) as tmp:
+                pom = Path(tmp) / "pom.xml"
+                pom.write_text(render_pom(self.version))
+                cmd = [mvn, "-q", "-B", "dependency:copy-dependencies", "-DoutputDirectory=libs"]
+                try:
+                    result = subprocess.run(
+                        cmd, cwd=tmp, capture_output=True, text=True, timeout=900, check=False
+                    )
+                except subprocess.TimeoutExpired as exc:
+                    raise InfraError(
+                        f"mvn did not finish fetching Kafka {self.version} jars in 900 s"
+                    ) from exc
+                output = (result.stdout or "") + (result.stderr or "")
+                fetched = Path(tmp) / "libs"
+                if result.returncode != 0 or not self._has_jars(fetched):
+                    raise InfraError(
+                        f"mvn could not fetch the Kafka {self.version} jars "
+                        f"(exit code {result.returncode}; is Maven Central reachable?). "
+                        f"Last lines of its output:\n{_last_lines(output, 40)}"
+                    )
+                shutil.copyfile(pom, libs.parent / "pom.xml")
+                fetched.rename(libs)
+            log.info(
+                "fetched %d Kafka %s jars in %.1f s",
+                len(list(libs.glob("*.jar"))),
+                self.version,
+                time.monotonic() - started,
+            )
+        return libs
+
+    def _has_jars(self, libs: Path) -> bool:
+        return (libs / f"kafka_2.13-{self.version}.jar").is_file()
+
+    # Lifecycle.
+    def start(self, timeout: float = 90) -> None:
+        """Start the broker unless ours already runs; return once it answers a metadata request.
+
+        A broker that does not answer within ``timeout`` seconds is killed and the error carries
+        the tail of its log.
+        """
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with file_lock(self.state_dir / ".lock", f"Kafka in {self.state_dir}"):
+            if self.is_up():
+                log.debug("Kafka already up on %s (pid %s)", self.bootstrap_servers, self.pid())
+                return
+            stale = self.pid()
+            if stale is not None:  # ours, alive, but not listening: hung or half started
+                log.warning("Kafka pid %d does not accept connections; restarting it", stale)
+                self._stop_unlocked(timeout=30)
+            for port in (self.port, self.controller_port):
+                if port_open(self.host, port):
+                    raise InfraError(
+                        f"{self.host}:{port} is already in use by a process that is not the Kafka "
+                        f"broker of {self.state_dir}; stop it or choose other ports "
+                        "(LOOPWISE_BOOTSTRAP_SERVERS, LOOPWISE_KAFKA_CONTROLLER_PORT)"
+                    )
+            java = find_java()
+            libs = self.ensure_jars()
+            self._write_config()
+            self._format_storage(java, libs)
+            log.info("starting Kafka %s on %s...", self.version, self.bootstrap_servers)
+            argv = [
+                java,
+                f"-Xmx{self.heap}",
+                f"-Xms{self.heap}",
+                "-XX:+UseG1GC",
+                "-Djava.awt.headless=true",
+                *self._logging_flags(),
+                "-cp",
+                str(libs / "*"),
+                "kafka.Kafka",
+                str(self.server_properties),
+            ]
+            started = time.monotonic()
+            pid = spawn_detached(argv, self.logs_dir / "stdout.log")
+            self.pid_file.write_text(f"{pid}\n")
+            try:
+                self._wait_ready(pid, started + timeout, timeout)
+            except BaseException:
+                self._stop_unlocked(timeout=10)
+                raise
+            log.info(
+                "Kafka up on %s (pid %d) in %.1f s",
+                self.bootstrap_servers,
+                pid,
+                time.monotonic() - started,
+            )
+
+    def stop(self, timeout: float = 30) -> None:
+        """Stop our broker (SIGTERM, then SIGKILL after ``timeout``); harmless when none runs."""
+        if not self.state_dir.is_dir():
+            return
+        with file_lock(self.state_dir / ".lock", f"Kafka in {self.state_dir}"):
+            self._stop_unlocked(timeout)
+
+    def _stop_unlocked(self, timeout: float) -> None:
+        pid = self.pid()
+        if pid is not None:
+            log.info("stopping Kafka on %s (pid %d)...", self.bootstrap_servers, pid)
+            terminate(pid, timeout)
+        self.pid_file.unlink(missing_ok=True)
+
+    def pid(self) -> int | None:
+        """The pid of this state dir's broker if it is alive (a recycled pid does not count)."""
+        marker = str(self.server_properties)
+        return read_live_pid(self.pid_file, lambda cmdline: marker in cmdline)
+
+    def is_up(self) -> bool:
+        """Our broker's process is alive and its port accepts connections."""
+        return self.pid() is not None and port_open(self.host, self.port)
+
+    # Startup steps.
+    def _logging_flags(self) -> list[str]:
+        flags = [f"-Dkafka.logs.dir={self.logs_dir}"]
+        if self._legacy_logging:
+            flags.append(f"-Dlog4j.configuration=file:{self._logging_config}")
+        else:
+            flags.append(f"-Dlog4j2.configurationFile={self._logging_config}")
+        return flags
+
+    def _write_config(self) -> None:
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        h, p, c = self.host, self.port, self.controller_port
+        self.server_properties.write_text(
+            "# Written by loopwise.infra on every start; edits are overwritten.\n"
+            "process.roles=broker,controller\n"
+            "node.id=1\n"
+            f"controller.quorum.bootstrap.servers={h}:{c}\n"
+            f"listeners=PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}\n"
+            f"advertised.listeners=PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}\n"
+            "inter.broker.listener.name=PLAINTEXT\n"
+            "controller.listener.names=CONTROLLER\n"
+            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            f"log.dirs={self.data_dir}\n"
+            "num.partitions=1\n"
+            "offsets.topic.replication.factor=1\n"
+            "offsets.topic.num.partitions=4\n"
+            "transaction.state.log.replication.factor=1\n"
+            "transaction.state.log.min.isr=1\n"
+            "share.coordinator.state.topic.replication.factor=1\n"
+            "share.coordinator.state.topic.min.isr=1\n"
+            "group.initial.rebalance.delay.ms=0\n"
+        )
+        if self._legacy_logging:
+            self._logging_config.write_text(
+                "log4j.rootLogger=INFO, F\n"
+                "log4j.appender.F=org.apache.log4j.FileAppender\n"
+                "log4j.appender.F.File=${kafka.logs.dir}/server.log\n"
+                "log4j.appender.F.layout=org.apache.log4j.PatternLayout\n"
+                "log4j.appender.F.layout.ConversionPattern=[%d] %p %m (%c)%n\n"
+            )
+        else:
+            self._logging_config.write_text(
+                "Configuration:\n"
+                "  Appenders:\n"
+                "    File:\n"
+                "      name: F\n"
+                '      fileName: "${sys:kafka.logs.dir}/server.log"\n'
+                "      PatternLayout:\n"
+                '        pattern: "[%d] %p %m (%c)%n"\n'
+                "  Loggers:\n"
+                "    Root:\n"
+                "      level: INFO\n"
+                "      AppenderRef:\n"
+                "        - ref: F\n"
+            )
+
+    def _format_storage(self, java: str, libs: Path) -> None:
+        """Format the KRaft log dir once; a formatted dir (``meta.properties``) is left alone."""
+        if (self.data_dir / "meta.properties").is_file():
+            return
+        cluster_id = new_cluster_id()
+        log.info("formatting Kafka storage in %s (cluster id %s)", self.data_dir, cluster_id)
+        argv = [
+            java,
+            "-Xmx256M",
+            *self._logging_flags(),
+            "-cp",
+            str(libs / "*"),
+            "kafka.tools.StorageTool",
+            "format",
+            "-t",
+            cluster_id,
+            "-c",
+            str(self.server_properties),
+            "--standalone",
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+        if result.returncode != 0:
+            raise InfraError(
+                f"formatting Kafka storage in {self.data_dir} failed (exit code "
+                f"{result.returncode}):\n{_last_lines(result.stdout + result.stderr, 30)}"
+            )
+
+    def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
+        """Wait for a real metadata answer: an open port alone comes before the broker serves."""
+        log.info(
+            "waiting for Kafka on %s to answer (up to %.0f s)...", self.bootstrap_servers, timeout
+        )
+        last_error = "port not open yet"
+        while True:
+            if not process_alive(pid):
+                raise InfraError(f"Kafka exited during startup. {self._log_tails()}")
+            if port_open(self.host, self.port):
+                remaining = max(1.0, deadline - time.monotonic())
+                try:
+                    if self._answers_metadata(min(remaining, 10.0)):
+                        return
+                    last_error = "metadata lists no broker yet"
+                except Exception as exc:  # any client error just means "not ready yet"
+                    last_error = f"{type(exc).__name__}: {exc}"
+            if time.monotonic() >= deadline:
+                raise InfraError(
+                    f"Kafka on {self.bootstrap_servers} did not answer a metadata request within "
+                    f"{timeout:.0f} s (last: {last_error}); it was killed. {self._log_tails()}"
+                )
+            time.sleep(0.2)
+
+    def _answers_metadata(self, timeout: float) -> bool:
+        from kafka import KafkaAdminClient  # imported late: only startup needs it
+
+        ms = int(timeout * 1000)
+        admin = KafkaAdminClient(
+            bootstrap_servers=self.bootstrap_servers,
+            client_id="loopwise-infra-probe",
+            request_timeout_ms=ms,
+            bootstrap_timeout_ms=ms,
+        )
+        try:
+            return bool(admin.describe_cluster().get("brokers"))
+        finally:
+            admin.close()
+
+    def _log_tails(self) -> str:
+        return (
+            f"Last lines of {self.server_log}:\n{tail(self.server_log, 30)}\n"
+            f"Last lines of {self.logs_dir / 'stdout.log'}:\n"
+            f"{tail(self.logs_dir / 'stdout.log', 15)}"
+        )
+
+
+def find_java() -> str:
+    """``$JAVA_HOME/bin/java`` if there is one, else ``java`` on PATH."""
+    home = os.environ.get("JAVA_HOME")
+    if home:
+        candidate = Path(home) / "bin" / "java"
+        if candidate.is_file() and os.access(candidate, os.X_OK):
+            return str(candidate)
+    found = shutil.which("java")
+    if found is None:
+        raise InfraError(
+            "java not found (looked in $JAVA_HOME/bin and on PATH): the Kafka broker needs "
+            "Java 17 or newer; install it (Debian: apt-get install openjdk-17-jre-headless) "
+            "or set JAVA_HOME"
+        )
+    return found
+
+
+# Process plumbing shared by the broker and Redis.
+
+
+def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
+    """Something accepts TCP connections on ``host:port``."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, what: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``path``: serializes starts and stops across processes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process busy with the %s...", what)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def spawn_detached(argv: list[str], output: Path) -> int:
+    """Start ``argv`` in its own session, stdout and stderr appended to ``output``; its pid.
+
+    A new session means no terminal signal reaches it and the whole group can be stopped at
+    once; ``posix_spawn`` leaves no ``Popen`` object to warn about a child still running when
+    the CLI that started it exits.
+    """
+    output.parent.mkdir(parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(output), flags, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    try:
+        return os.posix_spawn(argv[0], argv, dict(os.environ), file_actions=actions, setsid=True)
+    except OSError as exc:
+        raise InfraError(f"could not start {argv[0]}: {exc}") from exc
+
+
+def process_alive(pid: int) -> bool:
+    """``pid`` runs; reaps it if it is our exited child, and a zombie counts as dead."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass  # not our child
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def read_live_pid(pid_file: Path, is_ours: Callable[[str], bool]) -> int | None:
+    """The pid in ``pid_file`` if that process is alive and ``is_ours(its command line)``."""
+    try:
+        pid = int(pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0 or not process_alive(pid):
+        return None
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return None
+    return pid if is_ours(cmdline) else None
+
+
+def terminate(pid: int, timeout: float) -> None:
+    """SIGTERM ``pid``'s process group, wait up to ``timeout`` s, then SIGKILL it."""
+    _signal_group(pid, signal.SIGTERM)
+    if _wait_gone(pid, timeout):
+        return
+    log.warning("pid %d did not stop within %.0f s of SIGTERM; killing it", pid, timeout)
+    _signal_group(pid, signal.SIGKILL)
+    if not _wait_gone(pid, 10):
+        raise InfraError(f"process {pid} is still alive after SIGKILL")
+
+
+def _signal_group(pid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        if os.getpgid(pid) == pid:  # leader of its own group, as spawn_detached makes it
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+
+
+def _wait_gone(pid: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_alive(pid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def tail(path: Path, lines: int = 30) -> str:
+    """The last ``lines`` lines of a log file, or a note that it does not exist."""
+    try:
+        with path.open("rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, handle.tell() - 64 * 1024))
+            text = handle.read().decode("utf-8", errors="replace")
+    except OSError:
+        return f"({path} does not exist)"
+    return _last_lines(text, lines) or "(empty)"
+
+
+def _last_lines(text: str, lines: int) -> str:
+    return "\n".join(_ANSI_ESCAPE.sub("", text).rstrip().splitlines()[-lines:])

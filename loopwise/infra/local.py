@@ -1,0 +1,149 @@
+"""The Kafka broker and Redis server Loopwise runs on this machine, as one thing to bring up.
+
+Used by ``loopwise infra up|down|status``, the demo, the tests (on free ports, in a private
+folder) and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlparse
+
+from loopwise.infra.kafka_broker import InfraError, KafkaBroker
+from loopwise.infra.redis_server import RedisServer
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+
+log = logging.getLogger("loopwise.infra")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now (the kernel's pick), for tests and benchmarks."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class LocalInfra:
+    """A local Kafka broker and Redis server, started and stopped together."""
+
+    def __init__(self, kafka: KafkaBroker, redis: RedisServer, *, redis_db: int = 0) -> None:
+        self.kafka = kafka
+        self.redis = redis
+        self.redis_db = redis_db
+
+    def __repr__(self) -> str:
+        return f"LocalInfra({self.kafka!r}, {self.redis!r})"
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> LocalInfra:
+        """The infra the settings point at: their ports, version, and ``state_dir``.
+
+        The broker's files go to ``state_dir/kafka``, Redis's to ``state_dir/redis``.
+        """
+        kafka_host = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")[0]
+        parsed = urlparse(settings.redis_url)
+        if parsed.scheme != "redis" or not parsed.hostname:
+            raise InfraError(
+                f"setting 'redis_url' (LOOPWISE_REDIS_URL) = {settings.redis_url!r}: the local "
+                "Redis is plain TCP, so use redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
+            )
+        db = parsed.path.lstrip("/")
+        state_dir = Path(settings.state_dir)
+        return cls(
+            KafkaBroker(
+                settings.kafka_version,
+                kafka_host.strip("[]"),
+                port=settings.kafka_port,
+                controller_port=settings.kafka_controller_port,
+                state_dir=state_dir / "kafka",
+            ),
+            RedisServer(parsed.hostname, port=settings.redis_port, state_dir=state_dir / "redis"),
+            redis_db=int(db) if db.isdigit() else 0,
+        )
+
+    @classmethod
+    def for_tests(cls, base_dir: Path, kafka_version: str | None = None) -> LocalInfra:
+        """Infra on free ports with its files in ``base_dir``, beside any other running one.
+
+        The Kafka version is ``kafka_version``, else ``LOOPWISE_KAFKA_VERSION``, else the
+        settings' default, so a test run can measure another release without code changes.
+        """
+        from config.settings import Settings
+
+        version = (
+            kafka_version
+            or os.environ.get("LOOPWISE_KAFKA_VERSION")
+            or Settings.model_fields["kafka_version"].default
+        )
+        ports: list[int] = []
+        while len(ports) < 3:  # distinct, in case the kernel hands the same port out twice
+            port = free_port()
+            if port not in ports:
+                ports.append(port)
+        kafka_port, controller_port, redis_port = ports
+        base_dir = Path(base_dir)
+        return cls(
+            KafkaBroker(
+                version,
+                port=kafka_port,
+                controller_port=controller_port,
+                state_dir=base_dir / "kafka",
+            ),
+            RedisServer(port=redis_port, state_dir=base_dir / "redis"),
+        )
+
+    @property
+    def bootstrap_servers(self) -> str:
+        return self.kafka.bootstrap_servers
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://{self.redis.host}:{self.redis.port}/{self.redis_db}"
+
+    def up(self, timeout: float = 90) -> None:
+        """Start Redis, then Kafka (jars fetched on first use); each only if not already up.
+
+        If Kafka fails, a Redis this call started is stopped again, so a failed ``up`` leaves
+        things as they were.
+        """
+        started = time.monotonic()
+        redis_was_up = self.redis.is_up()
+        self.redis.start()
+        try:
+            self.kafka.start(timeout=timeout)
+        except BaseException:
+            if not redis_was_up:
+                self.redis.stop()
+            raise
+        log.info(
+            "local infra up in %.1f s: Kafka %s, Redis %s",
+            time.monotonic() - started,
+            self.bootstrap_servers,
+            self.redis_url,
+        )
+
+    def down(self) -> None:
+        """Stop both; tries Redis even when stopping Kafka failed, then reports every failure."""
+        errors: list[str] = []
+        for service in (self.kafka, self.redis):
+            try:
+                service.stop()
+            except InfraError as exc:
+                errors.append(str(exc))
+        if errors:
+            raise InfraError("; ".join(errors))
+
+    def status(self) -> dict[str, dict[str, Any]]:
+        """``{"kafka": {"bootstrap_servers", "up"}, "redis": {"url", "up"}}`` (DESIGN.md)."""
+        return {
+            "kafka": {"bootstrap_servers": self.bootstrap_servers, "up": self.kafka.is_up()},
+            "redis": {"url": self.redis_url, "up": self.redis.is_up()},
+        }

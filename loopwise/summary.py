@@ -1,0 +1,67 @@
+"""What landed in Redis: the worker's counters, the catalog size and a few user hashes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import redis
+from rich.console import Console
+from rich.table import Table
+
+from config import Settings
+
+
+def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000) -> dict[str, Any]:
+    """Counters of ``{prefix}stats``, user and catalog counts, and ``sample`` user hashes."""
+    client = redis.Redis.from_url(settings.redis_url, password=settings.redis_password)
+    try:
+        stats = {k.decode(): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+        users: list[str] = []
+        n_users = 0
+        for key in client.scan_iter(match=settings.key("user", "*"), count=1000):
+            n_users += 1
+            if len(users) < sample:
+                users.append(key.decode())
+            if n_users >= max_scan:
+                break
+        hashes = {}
+        for key in users:
+            raw = client.hgetall(key)
+            hashes[key] = {k.decode(): v.decode() for k, v in sorted(raw.items())}
+        reconciled = stats.get("consumed", 0) == (
+            stats.get("accepted", 0) + stats.get("duplicates", 0) + stats.get("deadlettered", 0)
+        )
+        return {
+            "stats": stats,
+            "reconciled": reconciled,
+            "users": n_users,
+            "catalog_items": int(client.hlen(settings.key("catalog"))),
+            "sample_users": hashes,
+        }
+    finally:
+        client.close()
+
+
+def print_summary(summary: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    stats = summary["stats"]
+    table = Table(title="Worker counters (Redis " + "stats)", show_header=True)
+    table.add_column("counter")
+    table.add_column("value", justify="right")
+    for name in ("consumed", "accepted", "duplicates", "deadlettered", "no_consent", "batches"):
+        table.add_row(name, f"{stats.get(name, 0):,}")
+    for name in sorted(k for k in stats if k.startswith("deadletter:")):
+        table.add_row("  " + name, f"{stats[name]:,}")
+    console.print(table)
+    verdict = "[green]yes[/green]" if summary["reconciled"] else "[red]NO[/red]"
+    console.print(f"accepted + duplicates + dead-lettered = consumed: {verdict}")
+    console.print(
+        f"users with state: {summary['users']:,}   catalog items: {summary['catalog_items']:,}"
+    )
+    for key, fields in summary["sample_users"].items():
+        shown = {k: v for k, v in fields.items() if not k.startswith("aff:")}
+        affinities = {k[4:]: round(float(v), 2) for k, v in fields.items() if k.startswith("aff:")}
+        console.print(f"[bold]{key}[/bold] {shown}")
+        if affinities:
+            top = sorted(affinities.items(), key=lambda kv: -kv[1])[:3]
+            console.print(f"    top affinities: {top}")

@@ -1,0 +1,68 @@
+"""Publish simulator traffic to Kafka at a chosen rate, with a progress bar."""
+
+from __future__ import annotations
+
+import time
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from config import Settings
+from producers.sdk import EventPublisher
+from producers.simulator import Marketplace
+
+
+class RateLimiter:
+    """Paces a loop at ``rate`` per second (token bucket, bursts of up to 0.1 s of tokens)."""
+
+    def __init__(self, rate: float | None) -> None:
+        self.rate = rate
+        self._start = time.monotonic()
+        self._count = 0
+
+    def wait(self) -> None:
+        self._count += 1
+        if self.rate is None:
+            return
+        due = self._start + self._count / self.rate
+        delay = due - time.monotonic()
+        if delay > 0.1:
+            time.sleep(delay)
+
+
+def publish_traffic(
+    settings: Settings,
+    market: Marketplace,
+    n_events: int,
+    *,
+    rate: float | None = None,
+    catalog: bool = True,
+    progress: bool = True,
+) -> int:
+    """Publish the catalog (optional) then ``n_events`` of organic traffic; the number sent."""
+    columns = (
+        TextColumn("[bold]simulate"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:>8.0f} ev/s"),
+        TimeRemainingColumn(),
+    )
+    sent = 0
+    with (
+        EventPublisher.from_settings(settings) as publisher,
+        Progress(*columns, disable=not progress) as bar,
+    ):
+        if catalog:
+            for event in market.catalog_events():
+                publisher.send(event)
+                sent += 1
+            publisher.flush()
+        task = bar.add_task("simulate", total=n_events, rate=0.0)
+        limiter = RateLimiter(rate)
+        started = time.monotonic()
+        for i, event in enumerate(market.events(n_events), start=1):
+            limiter.wait()
+            publisher.send(event)
+            if i % 500 == 0 or i == n_events:
+                bar.update(task, completed=i, rate=i / max(time.monotonic() - started, 1e-9))
+        sent += n_events
+    return sent

@@ -1,0 +1,1 @@
+"""The stream processors: decoding/validation, dead-lettering, user state, the Faust worker."""
