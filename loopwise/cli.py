@@ -191,13 +191,17 @@ def simulate(
     progress: bool,
 ) -> None:
     """Publish synthetic marketplace traffic (hidden ground truth, see producers/simulator.py)."""
+    import time
     import uuid
 
     from producers.simulator import MarketConfig, Marketplace
     from producers.traffic import publish_traffic
 
     tag = run_tag if run_tag is not None else uuid.uuid4().hex[:8]
-    market = Marketplace(MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag))
+    now_ms = int(time.time() * 1000)  # event time starts now, ahead of any earlier run's
+    market = Marketplace(
+        MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag, start_ms=now_ms)
+    )
     sent = publish_traffic(
         _settings(ctx), market, n_events, rate=rate, catalog=catalog, progress=progress
     )

@@ -62,7 +62,9 @@ def run_demo(settings: Settings, n_events: int, *, keep_infra: bool = False) -> 
             [sys.executable, "-m", "loopwise.cli", "worker"], env=os.environ.copy()
         )
         console.rule("[bold]3. simulated traffic")
-        market = Marketplace(MarketConfig(seed=7, run_tag=uuid.uuid4().hex[:8]))
+        market = Marketplace(
+            MarketConfig(seed=7, run_tag=uuid.uuid4().hex[:8], start_ms=int(time.time() * 1000))
+        )
         published = publish_traffic(settings, market, n_events)
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         for raw in MALFORMED:
