@@ -155,9 +155,15 @@ def fresh(settings: Settings) -> Settings:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--events", type=int, default=200_000, help="events on the topic (default 200000)")
-    parser.add_argument("--repeat", type=int, default=3, help="runs of each, the median is reported")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--events", type=int, default=200_000, help="events on the topic (default 200000)"
+    )
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each, the median is reported"
+    )
     parser.add_argument("--batch-size", type=int, default=2000)
     args = parser.parse_args()
     if args.events < 10_000:
@@ -207,7 +213,11 @@ def report(rows: dict[str, list[float]], n: int, args: argparse.Namespace) -> No
         median = statistics.median(rows[key])
         runs = ", ".join(f"{r:,.0f}" for r in rows[key])
         table.add_row(label, f"{median:,.0f}", runs, f"{median / top:.3f}")
-        result[key] = {"median_events_per_s": median, "runs": rows[key], "ratio_to_ceiling": median / top}
+        result[key] = {
+            "median_events_per_s": median,
+            "runs": rows[key],
+            "ratio_to_ceiling": median / top,
+        }
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "worker.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))

@@ -13,21 +13,23 @@ from config import Settings
 
 def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000) -> dict[str, Any]:
     """Counters of ``{prefix}stats``, user and catalog counts, and ``sample`` user hashes."""
-    client = redis.Redis.from_url(settings.redis_url, password=settings.redis_password)
+    client = redis.Redis.from_url(
+        settings.redis_url, password=settings.redis_password, decode_responses=True
+    )
     try:
-        stats = {k.decode(): int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+        stats = {k: int(v) for k, v in client.hgetall(settings.key("stats")).items()}
         users: list[str] = []
         n_users = 0
         for key in client.scan_iter(match=settings.key("user", "*"), count=1000):
             n_users += 1
             if len(users) < sample:
-                users.append(key.decode())
+                users.append(key)
             if n_users >= max_scan:
                 break
         hashes = {}
         for key in users:
             raw = client.hgetall(key)
-            hashes[key] = {k.decode(): v.decode() for k, v in sorted(raw.items())}
+            hashes[key] = dict(sorted(raw.items()))
         reconciled = stats.get("consumed", 0) == (
             stats.get("accepted", 0) + stats.get("duplicates", 0) + stats.get("deadlettered", 0)
         )

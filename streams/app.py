@@ -44,14 +44,8 @@ def build_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.batch_size),
     )
-    raw = {
-        "key_type": bytes,
-        "value_type": bytes,
-        "key_serializer": "raw",
-        "value_serializer": "raw",
-    }
-    events_topic = app.topic(settings.events_topic, **raw)
-    deadletter_topic = app.topic(settings.deadletter_topic, **raw)
+    events_topic = _raw_topic(app, settings.events_topic)
+    deadletter_topic = _raw_topic(app, settings.deadletter_topic)
 
     async def send_deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
         pending = [await deadletter_topic.send(key=key, value=value) for key, value in records]
@@ -78,6 +72,13 @@ def build_app(settings: Settings) -> faust.App:
             await store.close()
 
     return app
+
+
+def _raw_topic(app: faust.App, name: str) -> Any:
+    """A topic of bytes in, bytes out: decoding is ours (``streams.decoding``), not Faust's."""
+    return app.topic(
+        name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
+    )
 
 
 async def _process_until_done(pipeline: UserStatePipeline, messages: list[Message]) -> Any:

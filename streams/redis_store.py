@@ -26,7 +26,7 @@ import orjson
 import redis.asyncio as aioredis
 
 from config import Settings
-from streams.user_state import UserState
+from streams.user_state import UserState, text
 
 
 class RedisStore:
@@ -39,7 +39,9 @@ class RedisStore:
 
     @classmethod
     def connect(cls, settings: Settings) -> RedisStore:
-        client = aioredis.Redis.from_url(settings.redis_url, password=settings.redis_password)
+        client = aioredis.Redis.from_url(
+            settings.redis_url, password=settings.redis_password, decode_responses=False
+        )
         return cls(client, settings)
 
     def user_key(self, user_id: str) -> str:
@@ -117,7 +119,7 @@ class RedisStore:
 
     async def stats(self) -> dict[str, int]:
         raw = await self.client.hgetall(self.settings.key("stats"))
-        return {k.decode(): int(v) for k, v in raw.items()}
+        return {text(k): int(v) for k, v in raw.items()}
 
     async def forget(self, user_id: str) -> int:
         """Erase everything stored about one user; the number of keys removed."""

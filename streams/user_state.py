@@ -60,7 +60,7 @@ class UserState:
 
     @classmethod
     def from_hash(cls, raw: Mapping[bytes | str, bytes | str]) -> UserState:
-        fields = {_text(k): _text(v) for k, v in raw.items()}
+        fields = {text(k): text(v) for k, v in raw.items()}
         state = cls(
             views=int(fields.get("views", 0)),
             clicks=int(fields.get("clicks", 0)),
@@ -141,5 +141,6 @@ def group_by_user(events: Iterable[Event]) -> dict[str, list[Event]]:
     return groups
 
 
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """Redis answers bytes unless asked otherwise."""
     return value.decode() if isinstance(value, bytes) else value

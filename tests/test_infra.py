@@ -16,6 +16,7 @@ from kafka.admin import KafkaAdminClient, NewTopic
 
 from config.settings import Settings
 from loopwise.infra import InfraError, KafkaBroker, LocalInfra, RedisServer, free_port
+from loopwise.infra.kafka_broker import port_open
 
 pytestmark = pytest.mark.integration
 
@@ -139,6 +140,8 @@ def test_down_leaves_no_process_behind(tmp_path: Path) -> None:
         local.down()
         assert [pid for pid in pids if pid is not None and _running(pid)] == []
         assert _processes_mentioning(str(tmp_path)) == []
+        assert not port_open("127.0.0.1", local.kafka.port)
+        assert not port_open("127.0.0.1", local.redis.port)
         assert local.status()["kafka"]["up"] is False
         assert local.status()["redis"]["up"] is False
         local.down()  # stopping what is stopped is harmless

@@ -21,7 +21,7 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from kafka import KafkaAdminClient, KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 
 from config import Settings
 from producers.simulator import MarketConfig, Marketplace
@@ -306,15 +306,13 @@ def read_topic(
 
 
 def committed_lag(s: Settings) -> int:
-    admin = KafkaAdminClient(bootstrap_servers=s.bootstrap_servers)
-    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers)
+    """Messages of the events topic past the worker group's committed offsets."""
+    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=s.app_id)
     try:
-        offsets = admin.list_consumer_group_offsets(s.app_id)
         parts = [
             TopicPartition(s.events_topic, p) for p in consumer.partitions_for_topic(s.events_topic)
         ]
         ends = consumer.end_offsets(parts)
-        return sum(ends[tp] - (offsets[tp].offset if tp in offsets else 0) for tp in parts)
+        return sum(ends[tp] - (consumer.committed(tp) or 0) for tp in parts)
     finally:
-        admin.close()
         consumer.close()

@@ -524,13 +524,17 @@ def spawn_detached(argv: list[str], output: Path) -> int:
 
 
 def process_alive(pid: int) -> bool:
-    """``pid`` runs; reaps it if it is our exited child, and a zombie counts as dead."""
+    """``pid`` runs. Our own child is reaped once it has exited, so it leaves no zombie.
+
+    Another parent's zombie counts as dead only once all its threads are gone: a JVM's main
+    thread shows state Z while its other threads are still shutting down and holding ports.
+    """
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
-        if done == pid:
-            return False
     except ChildProcessError:
-        pass  # not our child
+        pass  # not our child (or already reaped): look it up below
+    else:
+        return done != pid
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -538,10 +542,13 @@ def process_alive(pid: int) -> bool:
     except PermissionError:
         return True
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+    fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+    state = fields.get("State", "R").split()[0]
+    threads = int(fields.get("Threads", "1").strip() or 1)
+    return not (state in ("Z", "X") and threads <= 1)
 
 
 def read_live_pid(pid_file: Path, is_ours: Callable[[str], bool]) -> int | None:
