@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import statistics
@@ -166,6 +167,7 @@ def main() -> None:
     )
     parser.add_argument("--batch-size", type=int, default=2000)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
     if args.events < 10_000:
         parser.error("--events must be at least 10000 for a meaningful rate")
     if args.repeat < 1:

@@ -58,6 +58,9 @@ def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not verbose:  # the Kafka clients narrate every connection at INFO
+        for noisy in ("kafka", "aiokafka"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
 

@@ -43,6 +43,7 @@ def build_app(settings: Settings) -> faust.App:
         consumer_auto_offset_reset="earliest",
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.batch_size),
+        broker_max_poll_records=settings.batch_size,
     )
     events_topic = _raw_topic(app, settings.events_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)

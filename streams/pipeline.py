@@ -114,6 +114,7 @@ class UserStatePipeline:
         states = await self.store.load_users(by_user)
         categories = await self.store.categories({e.item_id for e in fresh if e.type != "item"})
         users: dict[str, UserState | None] = {}
+        replaced: set[str] = set()
         for user_id, events in by_user.items():
             state: UserState | None = states[user_id]
             for event in events:
@@ -123,6 +124,7 @@ class UserStatePipeline:
                     continue
                 if state is None:
                     state = UserState()
+                    replaced.add(user_id)
                 apply_event(state, event, categories.get(event.item_id), self.rules)
             users[user_id] = state
 
@@ -131,6 +133,7 @@ class UserStatePipeline:
         counters["batches"] += 1
         await self.store.commit(
             users=users,
+            replaced=replaced,
             catalog={i: orjson.dumps(f) for i, f in catalog.items()},
             applied_ids=[e.event_id for e in fresh],
             counters=counters,

@@ -93,19 +93,27 @@ class RedisStore:
         self,
         *,
         users: Mapping[str, UserState | None],
+        replaced: set[str] | frozenset[str] = frozenset(),
         catalog: Mapping[str, bytes],
         applied_ids: list[str],
         counters: Counter[str],
         now_s: float | None = None,
     ) -> None:
-        """Write one batch atomically. ``None`` for a user erases their state (no consent)."""
+        """Write one batch atomically.
+
+        ``None`` for a user erases their state (no consent); a user in ``replaced``
+        was erased and started afresh within the batch, so the old hash goes first.
+        """
         current, _ = self._seen_keys(time.time() if now_s is None else now_s)
         async with self.client.pipeline(transaction=True) as pipe:
             for user_id, state in users.items():
                 key = self.user_key(user_id)
-                pipe.delete(key)
-                if state is not None:
-                    pipe.hset(key, mapping=state.to_hash())  # type: ignore[arg-type]
+                if state is None or user_id in replaced:
+                    pipe.delete(key)
+                if state is None:
+                    continue
+                # A live state never drops a field, so HSET alone replaces the hash.
+                pipe.hset(key, mapping=state.to_hash())  # type: ignore[arg-type]
             if catalog:
                 pipe.hset(self.settings.key("catalog"), mapping=dict(catalog))  # type: ignore[arg-type]
             if applied_ids:
