@@ -107,13 +107,50 @@ class Settings(BaseSettings):
     attribution_window_ms: int = Field(
         600_000, ge=1, description="how long a decision collects rewards"
     )
-    default_reward: float = 0.0
+    default_reward: float = Field(
+        0.0, description="reward of a decision whose window saw no reward"
+    )
+    reward_click: float = Field(1.0, description="reward for at least one click in the window")
+    reward_purchase: float = Field(
+        0.0, description="reward for at least one purchase in the window"
+    )
+    reward_revenue: float = Field(0.0, description="reward per unit of revenue (price x quantity)")
+    arms: dict[str, float] = Field(
+        default_factory=lambda: {"vw": 0.9, "popularity": 0.1},
+        description="experiment arms (policy name -> share of users); shares sum to 1",
+    )
+    holdout_arm: str = Field(
+        "popularity", description="the non-personalized arm, also for no-consent users"
+    )
+    vw_args: str | None = Field(
+        None, description="Vowpal Wabbit arguments (default: measured squarecb)"
+    )
+    pmf_floor: float = Field(0.001, ge=0, lt=1, description="least probability of every candidate")
+    max_candidates: int = Field(100, ge=2, le=10_000, description="candidates per decision")
+    nba_ttl_s: int = Field(
+        86_400, ge=1, description="lifetime of nba:{user_id} and stored decisions"
+    )
+    snapshot_interval_s: float = Field(5.0, gt=0, description="how often models are snapshotted")
+    decisions: bool = Field(True, description="run the learning loop (false: user state only)")
 
     # Local infrastructure.
     kafka_version: str = Field(
         "4.1.1", description="Apache Kafka broker release fetched from Maven Central"
     )
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
+
+    @field_validator("arms")
+    @classmethod
+    def _arms_are_shares(cls, value: dict[str, float]) -> dict[str, float]:
+        known = {"vw", "linucb", "popularity"}
+        unknown = set(value) - known
+        if unknown:
+            raise ValueError(f"unknown arm(s) {sorted(unknown)}; known policies: {sorted(known)}")
+        if any(share < 0 for share in value.values()) or abs(sum(value.values()) - 1) > 1e-9:
+            raise ValueError(
+                'shares must be >= 0 and sum to 1, e.g. {"vw": 0.9, "popularity": 0.1}'
+            )
+        return value
 
     @field_validator("key_prefix")
     @classmethod

@@ -20,6 +20,7 @@ class LoopwiseGroup(click.Group):
     """Turns the errors a user can fix into one clear line and exit code 2, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from loopwise.export import ExportError
         from loopwise.infra import InfraError
 
         try:
@@ -30,6 +31,9 @@ class LoopwiseGroup(click.Group):
         except InfraError as exc:
             console.print(f"[red]infrastructure error:[/red] {exc}")
             sys.exit(1)
+        except (ExportError, ValueError, TimeoutError) as exc:
+            console.print(f"[red]error:[/red] {exc}")
+            sys.exit(2)
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -180,6 +184,27 @@ def publish(ctx: click.Context, file: Path, progress: bool) -> None:
     help="Goes into every event_id, so reruns with one seed are new events "
     "(default: random; give one to replay a run's exact ids).",
 )
+@click.option(
+    "--closed-loop",
+    is_flag=True,
+    help="Play the serving layer: show nba:{user_id}, publish the view with its decision_id, "
+    "draw clicks/purchases from the ground truth (needs a running worker).",
+)
+@click.option(
+    "--decisions",
+    "n_decisions",
+    type=click.IntRange(min=1),
+    default=20_000,
+    show_default=True,
+    help="With --closed-loop: how many decisions to show.",
+)
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("closed-loop.jsonl"),
+    show_default=True,
+    help="With --closed-loop: one line per shown decision with the ground truth, for `report`.",
+)
 @click.option("--progress/--no-progress", default=True)
 @click.pass_context
 def simulate(
@@ -191,9 +216,17 @@ def simulate(
     seed: int,
     catalog: bool,
     run_tag: str | None,
+    closed_loop: bool,
+    n_decisions: int,
+    out: Path,
     progress: bool,
 ) -> None:
-    """Publish synthetic marketplace traffic (hidden ground truth, see producers/simulator.py)."""
+    """Publish synthetic marketplace traffic (hidden ground truth, see producers/simulator.py).
+
+    Organic traffic by default; with --closed-loop, the simulator shows the
+    worker's next-best-actions and reacts to them (rate: decisions per second,
+    default 2000).
+    """
     import time
     import uuid
 
@@ -205,6 +238,23 @@ def simulate(
     market = Marketplace(
         MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag, start_ms=now_ms)
     )
+    if closed_loop:
+        from producers.closed_loop import run_closed_loop
+
+        result = run_closed_loop(
+            _settings(ctx),
+            market,
+            n_decisions,
+            out,
+            rate=rate or 2000.0,
+            seed=seed,
+            progress=progress,
+        )
+        console.print(
+            f"showed {result.decisions:,} decisions ({result.default_views:,} default views, "
+            f"{result.stale_skips:,} stale nba skipped); written to {out}"
+        )
+        return
     sent = publish_traffic(
         _settings(ctx), market, n_events, rate=rate, catalog=catalog, progress=progress
     )
@@ -236,6 +286,22 @@ def stats(ctx: click.Context, as_json: bool, sample: int) -> None:
         print_summary(summary)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(["worker", "freshness"]))
+@click.pass_context
+def bench(ctx: click.Context, name: str) -> None:
+    """Run a benchmark of bench/ (its own Kafka + Redis on free ports); extra args go to it.
+
+    worker: events/s through the worker vs the raw-consumption ceiling.
+    freshness: click -> nba:{user} latency under load vs Kafka delivery.
+    Try `loopwise bench worker --help`.
+    """
+    import runpy
+
+    sys.argv = [f"bench_{name}", *ctx.args]
+    runpy.run_module(f"bench.bench_{name}", run_name="__main__")
+
+
 @main.command()
 @click.argument("user_id")
 @click.pass_context
@@ -254,6 +320,94 @@ def forget(ctx: click.Context, user_id: str) -> None:
 
     removed = asyncio.run(run())
     console.print(f"forgot {user_id}: {removed} keys removed")
+
+
+@main.command()
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="FILE.jsonl or FILE.parquet.",
+)
+@click.option("--from", "start", default=None, help="Logged at or after TIME (ms or ISO 8601).")
+@click.option("--to", "end", default=None, help="Logged before TIME (ms or ISO 8601).")
+@click.option("--start-offset", type=click.IntRange(min=0), default=None)
+@click.option("--end-offset", type=click.IntRange(min=0), default=None, help="Exclusive.")
+@click.option("--partition", "partitions", type=int, multiple=True, help="Only these partitions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the export summary as JSON.")
+@click.option("--progress/--no-progress", default=True)
+@click.pass_context
+def export(
+    ctx: click.Context,
+    out: Path,
+    start: str | None,
+    end: str | None,
+    start_offset: int | None,
+    end_offset: int | None,
+    partitions: tuple[int, ...],
+    as_json: bool,
+    progress: bool,
+) -> None:
+    """Write propensity-log records (all by default) to JSONL or Parquet.
+
+    Time ranges are by the time a record was logged (its decision closed);
+    ranges are half-open, [from, to).
+    """
+    from loopwise.export import export_log, parse_time
+
+    report = export_log(
+        _settings(ctx),
+        out,
+        start_ms=parse_time(start) if start else None,
+        end_ms=parse_time(end) if end else None,
+        start_offset=start_offset,
+        end_offset=end_offset,
+        partitions=list(partitions) or None,
+        progress=progress,
+        console=console,
+    )
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        console.print(
+            f"wrote {report.records_written:,} records to {out}"
+            + (
+                f"; skipped {report.records_skipped:,} {report.skipped}"
+                if report.records_skipped
+                else ""
+            )
+        )
+
+
+@main.command()
+@click.argument("decisions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--holdout", default="popularity", show_default=True, help="The holdout arm.")
+@click.option("--last", type=click.IntRange(min=1), default=None, help="Also over the last N.")
+@click.option("--window", type=click.IntRange(min=1), default=2000, show_default=True)
+@click.option(
+    "--png",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Write a plot of reward rate over time per arm.",
+)
+@click.option("--json", "as_json", is_flag=True)
+def report(
+    decisions: Path, holdout: str, last: int | None, window: int, png: Path | None, as_json: bool
+) -> None:
+    """Per-arm reward rates, lift over the holdout (95% CI), oracle and uniform references.
+
+    DECISIONS is the file written by `loopwise simulate --closed-loop --out`.
+    """
+    from loopwise.report import build_report, plot_report, print_report
+
+    result = build_report(decisions, holdout=holdout, last=last, window=window)
+    if as_json:
+        click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
+    else:
+        print_report(result, Console())
+    if png is not None:
+        plot_report(decisions, png, window, holdout=holdout)
+        console.print(f"plot written to {png}")
 
 
 @main.command()

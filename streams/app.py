@@ -1,12 +1,21 @@
-"""The Faust app: one agent that folds event batches into Redis.
+"""The Faust app: the events agent, the learner agent and the join timer.
 
-The agent body is the shell around :class:`streams.pipeline.UserStatePipeline`:
-it takes batches without acking (``noack_take``), hands them to the pipeline,
-retries on Redis or Kafka errors until they succeed, and only then acks each
-event in order, so Faust commits no offset whose effects are not in Redis.
-One agent instance (``concurrency=1``) serves all assigned partitions in
-order, which also keeps clear of faust-streaming's out-of-order commit bug
-(fs#606).
+- ``events`` agent: takes batches without acking (``noack_take``), hands them to
+  :class:`streams.pipeline.UserStatePipeline` (user state, reward join,
+  next-best-actions, propensity-log outbox), retries on Redis or Kafka errors
+  until the batch succeeds, and only then acks each event in order, so Faust
+  commits no offset whose effects are not in Redis.
+- ``learner`` agent: reads the propensity log, lets every policy learn from
+  every record, snapshots the models with their log offsets, and acks the log
+  only up to the last snapshot (:mod:`streams.learner`).
+- a 1-second timer closes decisions whose wall-clock window ended while the
+  stream was idle.
+
+One agent instance each (``concurrency=1``): partitions are served in order,
+which also keeps clear of faust-streaming's out-of-order commit bug (fs#606).
+Batches and timer ticks take one lock, so the join state changes in one place
+at a time. Policies are shared in memory by the learner (which updates them)
+and the decisions (which read them): one event loop, no thread.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from functools import partial
 from typing import Any
 
 import faust
@@ -21,18 +31,26 @@ from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
 from config import Settings
+from learners.arms import ArmAssigner
+from streams.catalog import Catalog
+from streams.decisions import DecisionMaker
+from streams.learner import Learner, build_policies
+from streams.log_tail import decision_ids_at_tail
+from streams.loop import LearningLoop
 from streams.pipeline import Message, UserStatePipeline
 from streams.redis_store import RedisStore
+from streams.reward_join import RewardJoin, RewardRule
 
 log = logging.getLogger("loopwise.worker")
 
 EVENTS = PromCounter("loopwise_events_total", "consumed events by outcome", ["outcome"])
 BATCH_SECONDS = Histogram("loopwise_batch_seconds", "time to apply one batch to Redis")
+LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned")
 RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def build_app(settings: Settings) -> faust.App:
-    """A Faust app whose agent keeps ``user:{user_id}`` fresh."""
+    """A Faust app keeping ``user:{id}`` fresh and, unless disabled, the learning loop."""
     app = faust.App(
         settings.app_id,
         broker="kafka://" + settings.bootstrap_servers.replace(",", ";kafka://"),
@@ -47,32 +65,119 @@ def build_app(settings: Settings) -> faust.App:
     )
     events_topic = _raw_topic(app, settings.events_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
+    log_topic = _raw_topic(app, settings.propensity_log_topic)
+    lock = asyncio.Lock()
+    store = RedisStore.connect(settings)
 
     async def send_deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
         pending = [await deadletter_topic.send(key=key, value=value) for key, value in records]
         await asyncio.gather(*pending)  # wait for the broker's acknowledgement of each
 
+    async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
+        pending = [
+            await log_topic.send(key=key, value=value, partition=partition)
+            for partition, key, value in records
+        ]
+        await asyncio.gather(*pending)
+
+    loop: LearningLoop | None = None
+    learner: Learner | None = None
+    if settings.decisions:
+        policies = build_policies(settings)
+        maker = DecisionMaker(
+            policies,
+            ArmAssigner(settings.arms).assign,
+            pmf_floor=settings.pmf_floor,
+            max_candidates=settings.max_candidates,
+            default_arm=settings.holdout_arm,
+        )
+        rule = RewardRule(
+            settings.reward_click,
+            settings.reward_purchase,
+            settings.reward_revenue,
+            settings.default_reward,
+        )
+
+        async def log_tail(partition: int, n: int) -> set[str]:
+            return await decision_ids_at_tail(settings, partition, n)
+
+        loop = LearningLoop(
+            settings,
+            store,
+            maker,
+            RewardJoin(settings.attribution_window_ms, rule),
+            Catalog(),
+            send_log,
+            log_tail,
+        )
+        learner = Learner(settings, store.client, policies, maker.popularity)
+    pipeline = UserStatePipeline(settings, store, send_deadletters, loop)
+
     @app.agent(events_topic, concurrency=1)
-    async def user_state(stream: Any) -> None:
-        store = RedisStore.connect(settings)
-        pipeline = UserStatePipeline(settings, store, send_deadletters)
-        try:
-            async for batch in stream.noack_take(settings.batch_size, settings.batch_within_s):
-                messages = [
-                    Message(m.key, m.value, m.topic, m.partition, m.offset)
-                    for m in (event.message for event in batch)
-                ]
-                started = time.perf_counter()
-                counters = await _process_until_done(pipeline, messages)
-                BATCH_SECONDS.observe(time.perf_counter() - started)
-                for outcome in ("accepted", "duplicates", "deadlettered"):
-                    EVENTS.labels(outcome).inc(counters[outcome])
-                for event in batch:
-                    await stream.ack(event)
-        finally:
-            await store.close()
+    async def events(stream: Any) -> None:
+        async for batch in stream.noack_take(settings.batch_size, settings.batch_within_s):
+            messages = [
+                Message(m.key, m.value, m.topic, m.partition, m.offset)
+                for m in (event.message for event in batch)
+            ]
+            started = time.perf_counter()
+            async with lock:
+                report = await _until_done(partial(pipeline.process, messages), len(messages))
+                if loop is not None:
+                    await _until_done(loop.publish_outbox, 0)
+            BATCH_SECONDS.observe(time.perf_counter() - started)
+            for outcome in ("accepted", "duplicates", "deadlettered"):
+                EVENTS.labels(outcome).inc(report.counters[outcome])
+            for event in batch:
+                await stream.ack(event)
+
+    if loop is not None and learner is not None:
+        the_loop, the_learner = loop, learner
+
+        @app.agent(log_topic, concurrency=1)
+        async def learn(stream: Any) -> None:
+            await the_learner.restore()
+            unacked: list[Any] = []
+            async for batch in stream.noack_take(settings.batch_size, 0.5):
+                records = [(e.message.partition, e.message.offset, e.message.value) for e in batch]
+                LEARNED.inc(the_learner.learn(records))
+                unacked.extend(batch)
+                if the_learner.snapshot_due():
+                    await _until_done(the_learner.snapshot, 0)
+                    for event in unacked:
+                        await stream.ack(event)
+                    unacked.clear()
+
+        @app.timer(1.0)
+        async def close_idle_decisions() -> None:
+            async with lock:
+                await _until_done(partial(_tick, the_loop, store), 0)
+
+        @app.on_partitions_revoked.connect
+        async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
+            gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+            async with lock:
+                the_loop.disown(gone)
 
     return app
+
+
+async def _tick(loop: LearningLoop, store: RedisStore) -> Any:
+    batch = await loop.tick(int(time.time() * 1000))
+    if batch.join.closed or batch.default is not None:
+        try:
+            await store.commit(
+                users={},
+                catalog={},
+                applied_ids=[],
+                counters=batch.counters(),
+                extra=lambda pipe: loop.write(pipe, batch),
+            )
+        except Exception:
+            loop.forget_memory()  # reload the join from Redis, as it was before this tick
+            raise
+    await loop.publish_outbox()
+    return batch
 
 
 def _raw_topic(app: faust.App, name: str) -> Any:
@@ -82,16 +187,16 @@ def _raw_topic(app: faust.App, name: str) -> Any:
     )
 
 
-async def _process_until_done(pipeline: UserStatePipeline, messages: list[Message]) -> Any:
-    """Apply a batch, retrying with backoff: a batch is never skipped, only delayed."""
+async def _until_done(work: Any, size: int) -> Any:
+    """Run ``work`` until it succeeds, with backoff: a batch is never skipped, only delayed."""
     attempt = 0
     while True:
         try:
-            return (await pipeline.process(messages)).counters
+            return await work()
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # Redis or Kafka unavailable: wait, then replay the batch
             delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-            log.warning("batch of %d failed (%r); retrying in %.1fs", len(messages), exc, delay)
+            log.warning("work on %d messages failed (%r); retrying in %.1fs", size, exc, delay)
             attempt += 1
             await asyncio.sleep(delay)

@@ -19,15 +19,18 @@ applied events as duplicates; nothing is applied twice.
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
+from redis.asyncio.client import Pipeline
 
 from config import Settings
 from streams.deadletter import Source, deadletter_record
 from streams.decoding import Event, Rejection, decode
+from streams.loop import LearningLoop, LoopBatch
 from streams.redis_store import RedisStore
 from streams.user_state import StateRules, UserState, apply_event, group_by_user
 
@@ -58,6 +61,7 @@ class BatchReport:
 @dataclass(slots=True)
 class Triage:
     events: list[Event]
+    partitions: list[int]  # of each event
     deadletters: list[tuple[bytes | None, bytes]]
     counters: Counter[str]
 
@@ -66,6 +70,7 @@ def triage(messages: Sequence[Message], max_bytes: int) -> Triage:
     """Steps 1 and the in-batch half of 2: decode, validate, drop in-batch repeats."""
     counters: Counter[str] = Counter(consumed=len(messages))
     events: list[Event] = []
+    partitions: list[int] = []
     deadletters: list[tuple[bytes | None, bytes]] = []
     seen: set[str] = set()
     for message in messages:
@@ -80,16 +85,24 @@ def triage(messages: Sequence[Message], max_bytes: int) -> Triage:
         else:
             seen.add(result.event_id)
             events.append(result)
-    return Triage(events, deadletters, counters)
+            partitions.append(message.partition)
+    return Triage(events, partitions, deadletters, counters)
 
 
 class UserStatePipeline:
     """Applies batches to Redis; shared by the Faust worker and the benchmarks."""
 
-    def __init__(self, settings: Settings, store: RedisStore, send_deadletters: DeadLetterSink):
+    def __init__(
+        self,
+        settings: Settings,
+        store: RedisStore,
+        send_deadletters: DeadLetterSink,
+        loop: LearningLoop | None = None,
+    ):
         self.settings = settings
         self.store = store
         self.send_deadletters = send_deadletters
+        self.loop = loop
         self.rules = StateRules(
             recent_items=settings.recent_items,
             affinity_half_life_ms=settings.affinity_half_life_ms,
@@ -97,10 +110,28 @@ class UserStatePipeline:
         )
 
     async def process(self, messages: Sequence[Message]) -> BatchReport:
+        """Apply one batch (steps 1-6); on failure nothing of it is in Redis, so retry it.
+
+        The learning loop's closed decisions are then in its outbox: call
+        ``loop.publish_outbox()`` after this returns.
+        """
+        try:
+            return await self._process(messages)
+        except Exception:
+            if self.loop is not None:
+                self.loop.forget_memory()  # its in-memory join ran ahead of Redis
+            raise
+
+    async def _process(self, messages: Sequence[Message]) -> BatchReport:
         batch = triage(messages, self.settings.max_event_bytes)
         counters = batch.counters
         applied = await self.store.already_applied([e.event_id for e in batch.events])
-        fresh = [e for e in batch.events if e.event_id not in applied]
+        fresh_with_partition = [
+            (e, p)
+            for e, p in zip(batch.events, batch.partitions, strict=True)
+            if e.event_id not in applied
+        ]
+        fresh = [e for e, _ in fresh_with_partition]
         counters["duplicates"] += len(batch.events) - len(fresh)
         counters["accepted"] += len(fresh)
 
@@ -128,6 +159,12 @@ class UserStatePipeline:
                 apply_event(state, event, categories.get(event.item_id), self.rules)
             users[user_id] = state
 
+        loop_batch = None
+        if self.loop is not None:
+            now_ms = int(time.time() * 1000)
+            loop_batch = await self.loop.stage(fresh_with_partition, users, now_ms)
+            counters.update(loop_batch.counters())
+
         if batch.deadletters:
             await self.send_deadletters(batch.deadletters)
         counters["batches"] += 1
@@ -137,5 +174,11 @@ class UserStatePipeline:
             catalog={i: orjson.dumps(f) for i, f in catalog.items()},
             applied_ids=[e.event_id for e in fresh],
             counters=counters,
+            extra=None if loop_batch is None or self.loop is None else self._writer(loop_batch),
         )
         return BatchReport(counters, fresh, set(users))
+
+    def _writer(self, loop_batch: LoopBatch) -> Callable[[Pipeline], None]:
+        loop = self.loop
+        assert loop is not None
+        return lambda pipe: loop.write(pipe, loop_batch)

@@ -20,10 +20,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import orjson
 import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
 
 from config import Settings
 from streams.user_state import UserState, text
@@ -98,11 +99,13 @@ class RedisStore:
         applied_ids: list[str],
         counters: Counter[str],
         now_s: float | None = None,
+        extra: Callable[[Pipeline], None] | None = None,
     ) -> None:
         """Write one batch atomically.
 
         ``None`` for a user erases their state (no consent); a user in ``replaced``
         was erased and started afresh within the batch, so the old hash goes first.
+        ``extra`` adds further commands (the learning loop's) to the same transaction.
         """
         current, _ = self._seen_keys(time.time() if now_s is None else now_s)
         async with self.client.pipeline(transaction=True) as pipe:
@@ -123,6 +126,8 @@ class RedisStore:
             for name, value in counters.items():
                 if value:
                     pipe.hincrby(stats, name, value)
+            if extra is not None:
+                extra(pipe)
             await pipe.execute()
 
     async def stats(self) -> dict[str, int]:

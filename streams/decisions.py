@@ -1,0 +1,132 @@
+"""Next-best-action: a decision per touched user, from the current model.
+
+For each user touched by a batch, :class:`DecisionMaker` takes the active
+catalog (capped at ``max_candidates``, pre-filtered by popularity and the
+user's category affinities when larger), asks the policy of the user's arm for
+a pmf, raises every probability to at least ``pmf_floor`` (so that off-policy
+evaluation stays possible), samples ``chosen`` from it and stamps a fresh
+``decision_id``. ``nba_json`` renders DESIGN.md's ``nba:{user_id}`` value.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from learners.policy import Action, Policy, apply_floor, sample
+from streams.reward_join import Decision
+from streams.user_state import UserState
+
+DEFAULT_USER = "__default__"
+
+
+def user_features(user_id: str, state: UserState | None) -> dict[str, Any]:
+    """What a policy knows of a user: id, activity counts and category affinities (share)."""
+    features: dict[str, Any] = {"user_id": user_id}
+    if state is None:
+        return features
+    features["views"] = state.views
+    features["clicks"] = state.clicks
+    features["purchases"] = state.purchases
+    total = sum(state.affinities.values())
+    if total > 0:
+        for category, value in state.affinities.items():
+            features["aff:" + category] = round(value / total, 6)
+    return features
+
+
+class DecisionMaker:
+    """Turns (user, context, candidates) into a sampled, logged-ready decision."""
+
+    def __init__(
+        self,
+        policies: Mapping[str, Policy],
+        assign_arm: Callable[[str], str],
+        *,
+        pmf_floor: float,
+        max_candidates: int,
+        default_arm: str,
+        rng: np.random.Generator | None = None,
+    ) -> None:
+        self.policies = policies
+        self.assign_arm = assign_arm
+        self.pmf_floor = pmf_floor
+        self.max_candidates = max_candidates
+        self.default_arm = default_arm
+        self.rng = rng or np.random.default_rng()
+        self.popularity: dict[str, float] = {}  # item_id -> decayed reward count (pre-filter)
+
+    def policy_version(self, arm: str) -> str:
+        policy = self.policies[arm]
+        return f"{arm}/{policy.name}/{policy.version}"
+
+    def candidates(self, actions: Sequence[Action], features: Mapping[str, Any]) -> list[Action]:
+        """All actions, or the ``max_candidates`` best by popularity + the user's affinity."""
+        if len(actions) <= self.max_candidates:
+            return list(actions)
+
+        top = max(self.popularity.values(), default=0.0) or 1.0
+
+        def score(action: Action) -> float:  # both terms in [0, 1]: scale-free popularity
+            affinity = float(features.get("aff:" + str(action.features.get("category")), 0.0))
+            return self.popularity.get(action.id, 0.0) / top + affinity
+
+        ranked = sorted(actions, key=score, reverse=True)
+        return ranked[: self.max_candidates]
+
+    def decide(
+        self,
+        user_id: str,
+        state: UserState | None,
+        context: Mapping[str, Any],
+        actions: Sequence[Action],
+        now_ms: int,
+        arm: str | None = None,
+    ) -> Decision:
+        if not actions:
+            raise ValueError("no active items in the catalog: nothing to decide between")
+        arm = arm or self.assign_arm(user_id)
+        features = user_features(user_id, state)
+        candidates = self.candidates(actions, features)
+        shared = {"user": features, "context": dict(context)}
+        pmf = apply_floor(self.policies[arm].pmf(shared, candidates), self.pmf_floor)
+        chosen = sample(pmf, self.rng)
+        return Decision(
+            decision_id=uuid.uuid4().hex,
+            user_id=user_id,
+            arm=arm,
+            policy_version=self.policy_version(arm),
+            computed_at=now_ms,
+            context=dict(context),
+            user_features=features,
+            actions=[{"id": a.id, "features": dict(a.features)} for a in candidates],
+            pmf=[float(p) for p in pmf],
+            chosen=chosen,
+        )
+
+    def default_decision(self, actions: Sequence[Action], now_ms: int) -> Decision:
+        """The non-personalized decision for users with no state or no consent."""
+        return self.decide(DEFAULT_USER, None, {}, actions, now_ms, arm=self.default_arm)
+
+
+def nba_json(decision: Decision, extra: Mapping[str, Any] | None = None) -> bytes:
+    """DESIGN.md's ``nba:{user_id}`` value."""
+    body: dict[str, Any] = {
+        "decision_id": decision.decision_id,
+        "user_id": decision.user_id,
+        "arm": decision.arm,
+        "policy_version": decision.policy_version,
+        "computed_at": decision.computed_at,
+        "actions": [a["id"] for a in decision.actions],
+        "pmf": decision.pmf,
+        "chosen": decision.chosen,
+        "item_id": decision.item_id,
+        "propensity": decision.pmf[decision.chosen],
+    }
+    if extra:
+        body.update(extra)
+    return orjson.dumps(body)

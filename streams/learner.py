@@ -1,0 +1,140 @@
+"""The learner: policies learn from the propensity log, in order, and snapshot with offsets.
+
+The log is the source of truth for learning: the learner consumes
+``loopwise.propensity-log`` and every policy learns from every record (each is
+a logged bandit example with its propensity, whichever arm made it). Models are
+snapshotted to Redis (``{p}model``: one field per arm, and ``offsets``, the next
+log offset to learn per partition) every ``snapshot_interval_s``; log offsets
+are acked to Kafka only once a snapshot containing them is saved. After a
+restart the policies are restored from the snapshot and records below its
+offsets are skipped: nothing is learned twice, nothing is skipped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, MutableMapping, Sequence
+from typing import Any
+
+import orjson
+import redis.asyncio as aioredis
+
+from config import Settings
+from learners.policy import Action, Policy, restore
+
+log = logging.getLogger("loopwise.learner")
+
+POPULARITY_DECAY = 0.999  # per learned example, for the candidate pre-filter
+
+
+def build_policies(settings: Settings) -> dict[str, Policy]:
+    """One policy per arm (and the holdout), with the settings' arguments."""
+    policies: dict[str, Policy] = {}
+    for arm in {*settings.arms, settings.holdout_arm}:
+        if arm == "vw":
+            from learners.vw_policy import VWPolicy
+
+            policies[arm] = VWPolicy(args=settings.vw_args) if settings.vw_args else VWPolicy()
+        elif arm == "linucb":
+            from learners.linucb import LinUCBPolicy
+
+            policies[arm] = LinUCBPolicy()
+        elif arm == "popularity":
+            from learners.popularity import PopularityPolicy
+
+            policies[arm] = PopularityPolicy()
+        else:  # pragma: no cover - the settings validate arm names
+            raise ValueError(f"unknown arm {arm!r}")
+    return policies
+
+
+class Learner:
+    """Feeds log records to the policies; snapshots them with the offsets they include."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: aioredis.Redis,
+        policies: MutableMapping[str, Policy],
+        popularity: MutableMapping[str, float] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.policies = policies
+        self.popularity = popularity if popularity is not None else {}
+        self.offsets: dict[int, int] = {}
+        self.learned = 0
+        self.skipped = 0
+        self._snapshot_at = time.monotonic()
+        self._popularity_scale = 1.0
+
+    @property
+    def key(self) -> str:
+        return self.settings.key("model")
+
+    async def restore(self) -> bool:
+        """Load the last snapshot, if any; True if one was found."""
+        raw = await self.client.hgetall(self.key)
+        if not raw:
+            return False
+        fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
+        for arm in list(self.policies):
+            if arm in fields:
+                self.policies[arm] = restore(bytes(fields[arm]))
+        self.offsets = {int(p): int(o) for p, o in orjson.loads(fields["offsets"]).items()}
+        versions = {arm: policy.version for arm, policy in self.policies.items()}
+        log.info("restored models %s at log offsets %s", versions, self.offsets)
+        return True
+
+    def learn(self, records: Sequence[tuple[int, int, bytes]]) -> int:
+        """Learn from (partition, offset, value) records in log order; the number learned."""
+        learned = 0
+        for partition, offset, value in records:
+            if offset < self.offsets.get(partition, 0):
+                self.skipped += 1
+                continue
+            self.offsets[partition] = offset + 1
+            try:
+                example = orjson.loads(value)
+                shared = {"user": example.get("user_features") or {}, "context": example["context"]}
+                actions = [
+                    Action(str(a["id"]), a.get("features") or {}) for a in example["actions"]
+                ]
+                chosen, propensity = int(example["chosen"]), float(example["propensity"])
+                reward = float(example["reward"])
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+                log.warning("log record %d@%d not learnable: %r", offset, partition, exc)
+                continue
+            for policy in self.policies.values():
+                policy.learn(shared, actions, chosen, propensity, reward)
+            self._count_popularity(actions[chosen].id, reward)
+            learned += 1
+        self.learned += learned
+        return learned
+
+    def _count_popularity(self, item_id: str, reward: float) -> None:
+        # Decay every item by POPULARITY_DECAY per example, lazily: new rewards are scaled up
+        # instead, which keeps the ranking (all the pre-filter uses) in O(1) per example.
+        self._popularity_scale *= POPULARITY_DECAY
+        if self._popularity_scale < 1e-100:
+            for key in self.popularity:
+                self.popularity[key] *= self._popularity_scale
+            self._popularity_scale = 1.0
+        if reward > 0:
+            gain = reward / self._popularity_scale
+            self.popularity[item_id] = self.popularity.get(item_id, 0.0) + gain
+
+    def snapshot_due(self) -> bool:
+        return time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
+
+    async def snapshot(self) -> None:
+        """Save every policy and the offsets they include, in one transaction."""
+        mapping: dict[str, Any] = {arm: p.snapshot() for arm, p in self.policies.items()}
+        mapping["offsets"] = orjson.dumps({str(p): o for p, o in self.offsets.items()})
+        mapping["saved_at_ms"] = int(time.time() * 1000)
+        await self.client.hset(self.key, mapping=mapping)
+        self._snapshot_at = time.monotonic()
+
+    def versions(self) -> Mapping[str, int]:
+        return {arm: policy.version for arm, policy in self.policies.items()}

@@ -1,0 +1,38 @@
+"""Read the last records of one propensity-log partition (outbox recovery)."""
+
+from __future__ import annotations
+
+import orjson
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from config import Settings
+
+
+async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> set[str]:
+    """decision_ids of the last ``n`` records of partition ``partition`` of the log topic."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
+    )
+    await consumer.start()
+    try:
+        tp = TopicPartition(settings.propensity_log_topic, partition)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        start = max(0, end - n)
+        consumer.seek(tp, start)
+        ids: set[str] = set()
+        position = start
+        while position < end:
+            batches = await consumer.getmany(tp, timeout_ms=2000)
+            records = batches.get(tp, [])
+            if not records:
+                break
+            for record in records:
+                position = record.offset + 1
+                try:
+                    ids.add(str(orjson.loads(record.value)["decision_id"]))
+                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    continue
+        return ids
+    finally:
+        await consumer.stop()

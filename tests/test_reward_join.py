@@ -1,0 +1,106 @@
+"""The reward join, rule by rule: open, attribute, close by watermark or wall clock, log once."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from streams.decoding import Event
+from streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin, RewardRule
+
+WINDOW = 1000
+
+
+def decision(decision_id: str = "d1", user: str = "u1", item: str = "i2") -> Decision:
+    return Decision(
+        decision_id=decision_id,
+        user_id=user,
+        arm="vw",
+        policy_version="vw/vw/3",
+        computed_at=0,
+        context={"device": "mobile"},
+        user_features={"user_id": user},
+        actions=[{"id": "i1", "features": {}}, {"id": item, "features": {"category": "c"}}],
+        pmf=[0.25, 0.75],
+        chosen=1,
+    )
+
+
+def ev(kind: str, ts: int, item: str = "i2", user: str = "u1", **raw: Any) -> tuple[Event, int]:
+    body = {"type": kind, "user_id": user, "item_id": item, "timestamp": ts, **raw}
+    return Event(f"{kind}{ts}{user}{item}", kind, user, item, ts, body), 0
+
+
+def run(join: RewardJoin, events: list[tuple[Event, int]], known: dict[str, Decision], now: int = 0):
+    changes = JoinChanges()
+    join.apply(events, known, changes, now)
+    join.close_due(now, changes)
+    return changes
+
+
+def test_view_opens_click_rewards_watermark_closes() -> None:
+    join = RewardJoin(WINDOW, RewardRule())
+    d = decision()
+    c = run(join, [ev("view", 100, decision_id="d1", propensity=0.75)], {"d1": d})
+    assert c.opened == ["d1"] and not c.closed
+    c = run(join, [ev("click", 300, decision_id="d1")], {})
+    assert c.counts == {"joined_rewards": 1}
+    c = run(join, [ev("view", 1101, item="i9")], {})  # watermark passes 100 + 1000
+    assert [o.decision.decision_id for o in c.closed] == ["d1"]
+    record = join.record(c.closed[0])
+    assert record["reward"] == 1.0
+    assert record["propensity"] == record["pmf"][record["chosen"]] == 0.75
+    assert record["context"] == {"device": "mobile"}  # the view had none: the decision's
+    assert not join.open
+
+
+def test_reward_without_decision_id_goes_to_latest_view_of_that_item() -> None:
+    join = RewardJoin(WINDOW, RewardRule(click=1, purchase=2, revenue=0.5))
+    run(join, [ev("view", 100, decision_id="d1", propensity=0.75)], {"d1": decision()})
+    c = run(join, [ev("purchase", 200, price=4.0, quantity=2), ev("click", 150, item="other")], {})
+    assert c.counts == {"joined_rewards": 1, "unattributed_rewards": 1}
+    (closed,) = run(join, [], {}, now=100 + WINDOW + 1).closed  # wall clock closes it
+    assert join.record(closed)["reward"] == 2 + 0.5 * 8.0
+    assert join.record(closed)["reward_components"] == {"clicks": 0, "purchases": 1, "revenue": 8.0}
+
+
+def test_repeated_view_late_reward_unknown_and_mismatched_views() -> None:
+    join = RewardJoin(WINDOW, RewardRule(default=-0.1))
+    known = {"d1": decision(), "d2": decision("d2", item="i7")}
+    c = run(
+        join,
+        [
+            ev("view", 100, decision_id="d1", propensity=0.75),
+            ev("view", 120, decision_id="d1", propensity=0.75),  # same impression again
+            ev("view", 130, decision_id="nope", propensity=0.5),
+            ev("view", 140, decision_id="d2", propensity=0.5),  # shows i2, d2 chose i7
+            ev("click", 100 + WINDOW + 5, decision_id="d1"),  # outside the window
+        ],
+        known,
+    )
+    assert c.counts == {
+        "repeated_views": 1,
+        "unknown_decisions": 1,
+        "mismatched_views": 1,
+        "late_rewards": 1,
+    }
+    assert [join.record(o)["reward"] for o in c.closed] == [-0.1]  # default reward
+
+
+def test_withdrawn_consent_drops_open_decisions_unlogged() -> None:
+    join = RewardJoin(WINDOW, RewardRule())
+    run(join, [ev("view", 100, decision_id="d1", propensity=0.75)], {"d1": decision()})
+    c = run(join, [ev("click", 150, consent=False)], {})
+    assert c.dropped == ["d1"] and not c.closed and not join.open
+
+
+def test_open_decisions_survive_a_round_trip_through_json() -> None:
+    join = RewardJoin(WINDOW, RewardRule())
+    run(join, [ev("view", 100, decision_id="d1", propensity=0.75)], {"d1": decision()})
+    run(join, [ev("click", 200)], {})
+    saved = [o.to_json() for o in join.open.values()]
+    restored = RewardJoin(WINDOW, RewardRule())
+    restored.load(OpenDecision.from_json(raw) for raw in saved)
+    c = run(restored, [ev("click", 300)], {})  # still attributed by item after the restart
+    assert c.counts == {"joined_rewards": 1}
+    (closed,) = run(restored, [ev("view", 5000, item="x")], {}).closed
+    assert closed.clicks == 2 and restored.record(closed)["reward"] == 1.0
