@@ -25,7 +25,7 @@ import numpy as np
 from learners.linucb import LinUCBPolicy
 from learners.policy import Action, Policy, apply_floor, sample
 from learners.popularity import PopularityPolicy
-from learners.vw_policy import VWPolicy
+from learners.vw_policy import VWPolicy, vw_args
 from producers.simulator import MarketConfig, Marketplace
 
 CANDIDATES: dict[str, Callable[[], Policy]] = {
@@ -101,6 +101,34 @@ def pmf_latency(policy: Policy, n_actions: int, calls: int = 1000) -> float:
     return (time.perf_counter() - start) / calls * 1e6
 
 
+def vw_input_latency(n_actions: int = 40, calls: int = 500) -> tuple[float, float]:
+    """Microseconds to feed one decision to VW: (text lines parsed by VW, dict-built Examples)."""
+    from vowpalwabbit import Workspace
+
+    from learners.features import action_features, shared_features, vw_adf_lines
+
+    vw = Workspace(vw_args())
+    actions = [Action(f"item-{j}", {"category": f"cat-{j % 6}"}) for j in range(n_actions)]
+    shared = {"user": {"user_id": "user-0042"}, "context": {"device": "mobile", "hour": 13}}
+    start = time.perf_counter()
+    for _ in range(calls):
+        examples = vw.parse(vw_adf_lines(shared, actions))
+        vw.predict(examples)
+        vw.finish_example(examples)
+    text = (time.perf_counter() - start) / calls * 1e6
+    start = time.perf_counter()
+    for _ in range(calls):
+        user, context = shared_features(shared)
+        built = [vw.example({"U": list(user.items()), "C": list(context.items())})]
+        for action in actions:
+            feats = action_features(action.id, action.features)
+            built.append(vw.example({"A": list(feats.items())}))
+        for example in built:
+            example.setup_example()
+    builder = (time.perf_counter() - start) / calls * 1e6  # building alone, before predicting
+    return text, builder
+
+
 def _run_one(job: tuple[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     name, kwargs = job
     return name, closed_loop(CANDIDATES[name](), **kwargs)
@@ -122,6 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("vw squarecb (default)", "vw epsilon 0.05", "vw bag 5", "linucb", "popularity"):
         cells = [f"{pmf_latency(CANDIDATES[name](), k):8.0f}" for k in (40, 200)]
         print(f"  {name:28s} K=40 {cells[0]}   K=200 {cells[1]}")
+    text, builder = vw_input_latency()
+    print(
+        f"  VW input, 40 actions: text parse+predict {text:.0f} us; dict Examples (build only) "
+        f"{builder:.0f} us"
+    )
     if args.latency_only:
         return 0
 

@@ -11,7 +11,7 @@ Requests come in sessions that keep their context (see ``run_closed_loop``).
 A decision is shown once: a user whose ``nba`` was already shown (the worker
 has not yet recomputed it) is passed over for this request. Every shown
 decision is written to ``--out`` (JSONL) with the ground truth beside it, for
-``loopwise report``: ``{"t", "timestamp", "user_id", "arm", "item_id",
+``loopwise report``: ``{"t", "decision_id", "timestamp", "user_id", "arm", "item_id",
 "propensity", "reward", "expected_reward", "oracle", "uniform"}``.
 """
 
@@ -41,7 +41,8 @@ class ClosedLoopReport:
     decisions: int = 0
     default_views: int = 0
     stale_skips: int = 0
-    events: int = 0
+    events: int = 0  # views of decisions and their follow-ups
+    published: int = 0  # every message sent, catalog and default views included
     rewards: dict[str, float] = field(default_factory=dict)
 
 
@@ -134,6 +135,7 @@ def run_closed_loop(
                 )
                 line = {
                     "t": report.decisions,
+                    "decision_id": nba["decision_id"],
                     "timestamp": clock,
                     "user_id": user_id,
                     "arm": nba["arm"],
@@ -150,6 +152,7 @@ def run_closed_loop(
                 report.decisions += 1
                 if report.decisions % 200 == 0 or report.decisions == n_decisions:
                     bar.update(task, completed=report.decisions, rate=reward_sum / report.decisions)
+        report.published = publisher.sent
     client.close()
     return report
 

@@ -27,6 +27,7 @@ from functools import partial
 from typing import Any
 
 import faust
+import redis
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
@@ -62,6 +63,9 @@ def build_app(settings: Settings) -> faust.App:
         broker_commit_interval=1.0,
         stream_buffer_maxsize=max(4096, 2 * settings.batch_size),
         broker_max_poll_records=settings.batch_size,
+        # A crashed worker's partitions move to a new one after this long, not Faust's 60 s.
+        broker_session_timeout=10.0,
+        broker_heartbeat_interval=3.0,
     )
     events_topic = _raw_topic(app, settings.events_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
@@ -69,13 +73,18 @@ def build_app(settings: Settings) -> faust.App:
     lock = asyncio.Lock()
     store = RedisStore.connect(settings)
 
+    # force=True: send now and wait for the broker. Without it, Faust "attaches" a message
+    # sent while an event is current to that event, publishing it only once the event is
+    # acked, which would reorder our commit path (dead letters and log before the acks).
     async def send_deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
-        pending = [await deadletter_topic.send(key=key, value=value) for key, value in records]
+        pending = [
+            await deadletter_topic.send(key=key, value=value, force=True) for key, value in records
+        ]
         await asyncio.gather(*pending)  # wait for the broker's acknowledgement of each
 
     async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
         pending = [
-            await log_topic.send(key=key, value=value, partition=partition)
+            await log_topic.send(key=key, value=value, partition=partition, force=True)
             for partition, key, value in records
         ]
         await asyncio.gather(*pending)
@@ -111,6 +120,9 @@ def build_app(settings: Settings) -> faust.App:
             log_tail,
         )
         learner = Learner(settings, store.client, policies, maker.popularity)
+        # Restore before any agent starts, so the first decisions use the saved models.
+        with redis.Redis.from_url(settings.redis_url, password=settings.redis_password) as sync:
+            learner.load_snapshot(sync.hgetall(learner.key))
     pipeline = UserStatePipeline(settings, store, send_deadletters, loop)
 
     @app.agent(events_topic, concurrency=1)
@@ -134,19 +146,32 @@ def build_app(settings: Settings) -> faust.App:
     if loop is not None and learner is not None:
         the_loop, the_learner = loop, learner
 
+        learned_unacked: list[Any] = []  # log events learned, acked once in a snapshot
+        log_stream: list[Any] = []
+        learner_lock = asyncio.Lock()
+
+        async def snapshot_and_ack() -> None:
+            async with learner_lock:
+                if not learned_unacked or not the_learner.snapshot_due():
+                    return
+                await _until_done(the_learner.snapshot, 0)
+                for event in learned_unacked:
+                    await log_stream[0].ack(event)
+                learned_unacked.clear()
+
         @app.agent(log_topic, concurrency=1)
         async def learn(stream: Any) -> None:
-            await the_learner.restore()
-            unacked: list[Any] = []
+            log_stream.append(stream)
             async for batch in stream.noack_take(settings.batch_size, 0.5):
                 records = [(e.message.partition, e.message.offset, e.message.value) for e in batch]
-                LEARNED.inc(the_learner.learn(records))
-                unacked.extend(batch)
-                if the_learner.snapshot_due():
-                    await _until_done(the_learner.snapshot, 0)
-                    for event in unacked:
-                        await stream.ack(event)
-                    unacked.clear()
+                async with learner_lock:
+                    LEARNED.inc(the_learner.learn(records))
+                    learned_unacked.extend(batch)
+                await snapshot_and_ack()
+
+        @app.timer(1.0)
+        async def snapshot_when_idle() -> None:
+            await snapshot_and_ack()
 
         @app.timer(1.0)
         async def close_idle_decisions() -> None:

@@ -75,7 +75,10 @@ class Learner:
 
     async def restore(self) -> bool:
         """Load the last snapshot, if any; True if one was found."""
-        raw = await self.client.hgetall(self.key)
+        return self.load_snapshot(await self.client.hgetall(self.key))
+
+    def load_snapshot(self, raw: Mapping[Any, Any]) -> bool:
+        """Restore the policies and offsets of a snapshot hash (as read from ``{p}model``)."""
         if not raw:
             return False
         fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}

@@ -57,7 +57,9 @@ def open_decisions(r: redis.Redis, s: Settings) -> int:
     return sum(r.hlen(s.key("join", str(p))) for p in range(s.topic_partitions))
 
 
-def test_closed_loop_learns_close_to_the_oracle(isolated_settings: Settings, tmp_path: Path) -> None:
+def test_closed_loop_learns_close_to_the_oracle(
+    isolated_settings: Settings, tmp_path: Path
+) -> None:
     s = isolated_settings.model_copy(update={"snapshot_interval_s": 2.0})
     ensure_topics(s)
     market = Marketplace(MarketConfig(seed=3, run_tag=s.key_prefix.strip(":")))
@@ -77,7 +79,11 @@ def test_closed_loop_learns_close_to_the_oracle(isolated_settings: Settings, tmp
         assert lift["ci_low"] > 0, lift
 
         # The log: one record per closed decision, each with propensity = pmf[chosen].
-        wait_until(lambda: outbox_empty(r, s), 60, "the outbox to drain")
+        wait_until(
+            lambda: stats(r, s)["accepted"] == result.published and outbox_empty(r, s),
+            120,
+            "the worker to consume everything and drain its outbox",
+        )
         closed = stats(r, s)["decisions_closed"]
         assert worker.send_signal(signal.SIGTERM) is None and worker.wait(60) == 0
         log_file = tmp_path / "log.jsonl"
@@ -106,10 +112,11 @@ def test_sigkill_loses_no_decision_logs_none_twice_and_learning_resumes(
     r = redis.Redis.from_url(s.redis_url)
     out = tmp_path / "decisions.jsonl"
     worker = start_worker(s)
+    results = []
     sim = threading.Thread(
-        target=run_closed_loop,
-        args=(s, market, 12_000, out),
-        kwargs={"rate": 1500.0, "seed": 5, "progress": False},
+        target=lambda: results.append(
+            run_closed_loop(s, market, 12_000, out, rate=1500.0, seed=5, progress=False)
+        )
     )
     sim.start()
     try:
@@ -123,13 +130,23 @@ def test_sigkill_loses_no_decision_logs_none_twice_and_learning_resumes(
         assert not sim.is_alive()
         shown = {orjson.loads(line)["decision_id"] for line in out.read_bytes().splitlines()}
         assert len(shown) == 12_000
-        # Every shown decision closes (2 s window) and reaches the log.
-        wait_until(lambda: open_decisions(r, s) == 0 and outbox_empty(r, s), 120, "all to close")
+        # Every message consumed; every shown decision closes (2 s window) and reaches the log.
+        published = results[0].published
+        wait_until(
+            lambda: (
+                stats(r, s)["accepted"] == published
+                and open_decisions(r, s) == 0
+                and outbox_empty(r, s)
+            ),
+            180,
+            "the worker to consume everything and close every decision",
+        )
         log_file = tmp_path / "log.jsonl"
         export_log(s, log_file, progress=False)
         logged = Counter(rec["decision_id"] for rec in read_log(log_file))
         assert not [d for d, n in logged.items() if n > 1], "a decision was logged twice"
-        assert shown - set(logged) == set(), f"{len(shown - set(logged))} shown decisions lost"
+        lost = shown - set(logged)
+        assert not lost, f"{len(lost)} shown decisions lost; counters {dict(stats(r, s))}"
         # Learning resumed from the snapshot: every record learned exactly once.
         time.sleep(3)  # a snapshot after the last record
         model = r.hgetall(s.key("model"))

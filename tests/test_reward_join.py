@@ -30,7 +30,9 @@ def ev(kind: str, ts: int, item: str = "i2", user: str = "u1", **raw: Any) -> tu
     return Event(f"{kind}{ts}{user}{item}", kind, user, item, ts, body), 0
 
 
-def run(join: RewardJoin, events: list[tuple[Event, int]], known: dict[str, Decision], now: int = 0):
+def run(
+    join: RewardJoin, events: list[tuple[Event, int]], known: dict[str, Decision], now: int = 0
+):
     changes = JoinChanges()
     join.apply(events, known, changes, now)
     join.close_due(now, changes)

@@ -1,0 +1,155 @@
+"""Disjoint LinUCB on river's Bayesian linear regression: the contextual baseline.
+
+River 0.26.1 ships ``river.bandit.LinUCBDisjoint``, which keeps one
+``river.linear_model.BayesianLinearRegression`` per arm and pulls the arm with
+the largest ``mu + sigma``. It only returns the pulled arm; a logged policy
+needs a pmf (propensities), so this class keeps the same per-arm river models
+and exposes their scores. For action ``a`` with posterior mean weights ``m_a``
+and covariance ``S_a`` (Bishop 2006, eqs. 3.53-3.59; Li et al. 2010, "A
+Contextual-Bandit Approach to Personalized News Article Recommendation", WWW)::
+
+    ucb_a(x) = m_a . x + alpha * sqrt(x' S_a x)
+
+and the pmf puts ``1 - epsilon`` on the arg-max (split evenly on ties) and
+``epsilon / K`` on every action, so every propensity is >= ``epsilon / K``.
+
+``x`` is the shared (user + context) featurization of :mod:`learners.features`,
+hashed into ``dim`` buckets plus a bias (river's model cost is quadratic in the
+number of features, so the hashing keeps one update at O(dim^2)). Item features
+are constant per arm, so the disjoint model does not need them: each arm's bias
+is the item's own effect. A new item starts from the prior (``ucb = alpha *
+sqrt(x' x / prior_precision)``: optimistic, so it gets tried).
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from river import linear_model
+
+from learners.features import FeatureHasher, shared_features
+from learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+
+__all__ = ["LinUCBPolicy"]
+
+
+class LinUCBPolicy:
+    """Disjoint LinUCB, one river ``BayesianLinearRegression`` per action, epsilon-greedy pmf.
+
+    Parameters
+    ----------
+    alpha
+        Width of the confidence bonus (``alpha * posterior std`` of the mean reward).
+    epsilon
+        Probability mass spread uniformly over all actions.
+    dim
+        Hashed dimension of the shared features; a bias is added, so 63 makes 64
+        weights per arm (river grows its matrices to powers of two: 64 x 64, not 128).
+    prior_precision
+        River's ``alpha``: the prior precision of the weights (larger = stronger shrinkage).
+    noise_precision
+        River's ``beta``: the precision of the reward noise.
+    """
+
+    name = "linucb"
+
+    def __init__(
+        self,
+        alpha: float = 0.3,
+        epsilon: float = 0.05,
+        dim: int = 63,
+        prior_precision: float = 1.0,
+        noise_precision: float = 1.0,
+    ) -> None:
+        if not 0.0 <= epsilon <= 1.0:
+            raise ValueError("epsilon must be in [0, 1]")
+        if alpha < 0:
+            raise ValueError("alpha must be >= 0")
+        self.alpha = float(alpha)
+        self.epsilon = float(epsilon)
+        self.dim = int(dim)
+        self.prior_precision = float(prior_precision)
+        self.noise_precision = float(noise_precision)
+        self._hasher = FeatureHasher(self.dim)
+        self._models: dict[str, linear_model.BayesianLinearRegression] = {}
+        self._version = 0
+
+    @property
+    def version(self) -> int:
+        """Number of examples learned so far."""
+        return self._version
+
+    def scores(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
+        """``ucb_a(x)`` of every action (see the module docstring)."""
+        x = self._context(shared)
+        noise_var = 1.0 / self.noise_precision
+        out = np.empty(len(actions), dtype=np.float64)
+        for i, action in enumerate(actions):
+            model = self._models.get(action.id)
+            if model is None:
+                mean, var = 0.0, sum(v * v for v in x.values()) / self.prior_precision
+            else:
+                dist = model.predict_one(x, with_dist=True)
+                mean, var = float(dist.mu), float(dist.sigma) ** 2 - noise_var
+            out[i] = mean + self.alpha * math.sqrt(max(var, 0.0))
+        return out
+
+    def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
+        """``(1 - epsilon)`` on the best UCB (ties split), ``epsilon / K`` everywhere."""
+        k = len(actions)
+        if k == 0:
+            return np.zeros(0, dtype=np.float64)
+        ucb = self.scores(shared, actions)
+        best = ucb >= ucb.max() - 1e-12
+        out: FloatArray = np.full(k, self.epsilon / k)
+        out[best] += (1.0 - self.epsilon) / int(best.sum())
+        return out
+
+    def learn(
+        self,
+        shared: Mapping[str, Any],
+        actions: Sequence[Action],
+        chosen: int,
+        propensity: float,
+        reward: float,
+    ) -> None:
+        """Update the chosen action's regression with ``(x, reward)`` (on-policy, unweighted)."""
+        check_learn_args(len(actions), chosen, propensity, reward)
+        action_id = actions[chosen].id
+        model = self._models.get(action_id)
+        if model is None:
+            model = linear_model.BayesianLinearRegression(
+                alpha=self.prior_precision, beta=self.noise_precision
+            )
+            self._models[action_id] = model
+        model.learn_one(self._context(shared), float(reward))
+        self._version += 1
+
+    def snapshot(self) -> bytes:
+        """Header + the pickled river models (restore only snapshots you wrote)."""
+        params = {
+            "alpha": self.alpha,
+            "epsilon": self.epsilon,
+            "dim": self.dim,
+            "prior_precision": self.prior_precision,
+            "noise_precision": self.noise_precision,
+        }
+        payload = pickle.dumps(self._models, protocol=pickle.HIGHEST_PROTOCOL)
+        return pack_snapshot(self.name, params, self._version, payload)
+
+    @classmethod
+    def _from_snapshot(cls, header: Mapping[str, Any], payload: bytes) -> LinUCBPolicy:
+        policy = cls(**header["params"])
+        policy._models = pickle.loads(payload)  # our own snapshot format (see policy.py)
+        policy._version = int(header["version"])
+        return policy
+
+    def _context(self, shared: Mapping[str, Any]) -> dict[Any, float]:
+        user, context = shared_features(shared)
+        x: dict[Any, float] = dict(self._hasher.sparse(user, context))
+        x["bias"] = 1.0
+        return x

@@ -1,0 +1,191 @@
+"""The one protocol every policy answers, and the helpers around a pmf.
+
+A policy scores the candidate actions of one decision and returns a pmf over
+them (River/OBP style: the same few calls everywhere)::
+
+    pmf = policy.pmf(shared, actions)                 # float64, sums to 1
+    pmf = apply_floor(pmf, floor)                     # keep every propensity >= floor
+    chosen = sample(pmf, rng)                         # index into actions
+    ...                                               # show, wait for the reward
+    policy.learn(shared, actions, chosen, pmf[chosen], reward)
+    blob = policy.snapshot()                          # bytes naming their own class
+    same = restore(blob)                              # identical pmfs
+
+``shared`` is ``{"user": {...}, "context": {...}}`` (user-state features and the
+request context; values are str/number/bool), ``actions`` the candidate items
+with their catalog features. Rewards are >= 0, higher is better.
+
+A snapshot is ``MAGIC + header + b"\\n" + payload``: the header is one JSON line
+``{"policy": kind, "params": {...constructor arguments...}, "version": n}``, so
+:func:`restore` rebuilds the right class with the right arguments; the payload
+is the class's own model state. Only restore snapshots you wrote: the river
+based policies pickle their models.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+
+__all__ = [
+    "Action",
+    "FloatArray",
+    "Policy",
+    "SnapshotError",
+    "apply_floor",
+    "pack_snapshot",
+    "restore",
+    "sample",
+    "unpack_snapshot",
+]
+
+FloatArray = npt.NDArray[np.float64]
+Scalar = str | int | float | bool
+
+MAGIC: Final = b"LOOPWISE-POLICY/1\n"
+
+# kind -> (module, class); the class must define `_from_snapshot(header, payload)`.
+_REGISTRY: Final[dict[str, tuple[str, str]]] = {
+    "vw": ("learners.vw_policy", "VWPolicy"),
+    "linucb": ("learners.linucb", "LinUCBPolicy"),
+    "popularity": ("learners.popularity", "PopularityPolicy"),
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
+class Action:
+    """A candidate action (an item of the active catalog) and its catalog features.
+
+    ``features`` are the item's catalog features (category, price, brand, ...):
+    strings, numbers or bools.
+    """
+
+    id: str
+    features: Mapping[str, Scalar]
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """What every policy answers.
+
+    ``name`` is the policy's kind (``"vw"``, ``"linucb"``, ``"popularity"``) and
+    ``version`` the number of examples it has learned from.
+    """
+
+    name: str
+
+    @property
+    def version(self) -> int:
+        """Number of examples learned so far."""
+        ...
+
+    def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
+        """Probability of choosing each action: float64, >= 0, sums to 1, ``len(actions)``."""
+        ...
+
+    def learn(
+        self,
+        shared: Mapping[str, Any],
+        actions: Sequence[Action],
+        chosen: int,
+        propensity: float,
+        reward: float,
+    ) -> None:
+        """Learn from one closed decision: ``actions[chosen]`` was shown with ``propensity``."""
+        ...
+
+    def snapshot(self) -> bytes:
+        """The policy's full state as bytes; :func:`restore` gives back an equal policy."""
+        ...
+
+
+class SnapshotError(ValueError):
+    """A blob is not a policy snapshot, or names an unknown policy."""
+
+
+def pack_snapshot(kind: str, params: Mapping[str, Any], version: int, payload: bytes) -> bytes:
+    """``MAGIC + {"policy", "params", "version"} JSON line + payload``."""
+    header = orjson.dumps({"policy": kind, "params": dict(params), "version": int(version)})
+    return MAGIC + header + b"\n" + payload
+
+
+def unpack_snapshot(blob: bytes) -> tuple[dict[str, Any], bytes]:
+    """Split a snapshot into its header dict and payload (raises :class:`SnapshotError`)."""
+    if not blob.startswith(MAGIC):
+        raise SnapshotError("not a Loopwise policy snapshot (bad magic header)")
+    end = blob.find(b"\n", len(MAGIC))
+    if end < 0:
+        raise SnapshotError("truncated policy snapshot: no header line")
+    try:
+        header = orjson.loads(blob[len(MAGIC) : end])
+    except orjson.JSONDecodeError as exc:
+        raise SnapshotError(f"policy snapshot header is not JSON: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("policy"), str):
+        raise SnapshotError("policy snapshot header lacks the 'policy' name")
+    return header, blob[end + 1 :]
+
+
+def restore(blob: bytes) -> Policy:
+    """Rebuild the policy saved by ``snapshot()``: the header names its class and arguments."""
+    header, payload = unpack_snapshot(blob)
+    kind = header["policy"]
+    if kind not in _REGISTRY:
+        raise SnapshotError(f"unknown policy {kind!r} in snapshot; known: {sorted(_REGISTRY)}")
+    module, cls_name = _REGISTRY[kind]
+    cls = getattr(importlib.import_module(module), cls_name)
+    policy: Policy = cls._from_snapshot(header, payload)
+    return policy
+
+
+def apply_floor(pmf: npt.ArrayLike, floor: float) -> FloatArray:
+    """Mix ``pmf`` with the uniform distribution as little as needed for ``min p >= floor``.
+
+    With ``K`` actions and ``floor * K <= 1``::
+
+        p'_a = (1 - K * floor) * p_a + floor
+
+    which is the pmf mixed with uniform at weight ``K * floor``; it keeps the
+    order of the actions and sums to 1, and every action keeps a propensity of at
+    least ``floor``, so that importance-weighted off-policy estimates (weights
+    ``pi(a|x) / p'_a <= 1 / floor``) stay finite. When ``floor * K > 1`` no pmf can
+    satisfy the floor and the uniform pmf ``1 / K`` is returned. ``floor <= 0``
+    returns the pmf unchanged (renormalized). The mixing is applied whenever
+    ``floor > 0`` (even if the pmf already satisfies it) so that the result does
+    not jump when one probability crosses the floor.
+    """
+    p = np.asarray(pmf, dtype=np.float64)
+    k = p.size
+    if k == 0:
+        return p.copy()
+    total = float(p.sum())
+    p = p / total if total > 0 else np.full(k, 1.0 / k)
+    if floor <= 0.0:
+        return p
+    if floor * k >= 1.0:
+        return np.full(k, 1.0 / k)
+    out: FloatArray = (1.0 - k * floor) * p + floor
+    out /= out.sum()
+    return out
+
+
+def sample(pmf: npt.ArrayLike, rng: np.random.Generator) -> int:
+    """Draw an index with probability ``pmf[i]`` (inverse CDF on one uniform draw)."""
+    cdf = np.cumsum(np.asarray(pmf, dtype=np.float64))
+    u = rng.random() * cdf[-1]
+    return min(int(np.searchsorted(cdf, u, side="right")), len(cdf) - 1)
+
+
+def check_learn_args(n_actions: int, chosen: int, propensity: float, reward: float) -> None:
+    """Validate a learn call once, at the boundary (raises ValueError naming the argument)."""
+    if not 0 <= chosen < n_actions:
+        raise ValueError(f"chosen={chosen} is not an index into {n_actions} actions")
+    if not 0.0 < propensity <= 1.0:
+        raise ValueError(f"propensity={propensity} must be in (0, 1]")
+    if not np.isfinite(reward):
+        raise ValueError(f"reward={reward} must be finite")
