@@ -114,7 +114,7 @@ def run_closed_loop(
                 if context is None or rng.random() >= session_stickiness:
                     context = sessions[user_id] = market.sample_context(rng, user_id)
                 if nba is None:  # no state yet: the non-personalized default, not logged
-                    nba = orjson.loads(default)
+                    nba = orjson.loads(default or b"null")  # the default exists: waited for
                     report.default_views += 1
                     view = _view(user_id, nba, clock, context, with_decision=False)
                     publisher.send(view)

@@ -178,7 +178,7 @@ def build_app(settings: Settings) -> faust.App:
             async with lock:
                 await _until_done(partial(_tick, the_loop, store), 0)
 
-        @app.on_partitions_revoked.connect
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
             gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
             async with lock:

@@ -136,7 +136,7 @@ class Learner:
         mapping: dict[str, Any] = {arm: p.snapshot() for arm, p in self.policies.items()}
         mapping["offsets"] = orjson.dumps({str(p): o for p, o in self.offsets.items()})
         mapping["saved_at_ms"] = int(time.time() * 1000)
-        await self.client.hset(self.key, mapping=mapping)
+        await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
         self._snapshot_at = time.monotonic()
 
     def versions(self) -> Mapping[str, int]:

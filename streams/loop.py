@@ -178,15 +178,15 @@ class LearningLoop:
                 self.key("join", str(open_decision.partition)), decision_id, open_decision.to_json()
             )
         for open_decision in batch.join.closed:
-            partition = str(open_decision.partition)
-            pipe.hdel(self.key("join", partition), open_decision.decision.decision_id)
+            join_key = self.key("join", str(open_decision.partition))
+            pipe.hdel(join_key, open_decision.decision.decision_id)
             pipe.delete(self.key("decision", open_decision.decision.decision_id))
         for decision_id in batch.join.dropped:
             pipe.delete(self.key("decision", decision_id))
-            for partition in self.partitions:
-                pipe.hdel(self.key("join", str(partition)), decision_id)
-        for partition, records in batch.records.items():
-            pipe.rpush(self.key("outbox", str(partition)), *records)
+            for owned in self.partitions:
+                pipe.hdel(self.key("join", str(owned)), decision_id)
+        for partition_id, records in batch.records.items():
+            pipe.rpush(self.key("outbox", str(partition_id)), *records)
         for decision in batch.decisions:
             pipe.set(
                 self.key("decision", decision.decision_id), decision.to_json(), ex=ttl + window_s
@@ -217,7 +217,7 @@ class LearningLoop:
                     log.warning("outbox %d: %d records were already on the log", partition, skip)
                 self._recovered.add(partition)
             records = [
-                (partition, str(orjson.loads(raw)["user_id"]).encode(), bytes(raw))
+                (partition, str(orjson.loads(raw)["user_id"]).encode(), _as_bytes(raw))
                 for raw in pending[skip:]
             ]
             if records:
@@ -225,3 +225,7 @@ class LearningLoop:
             await client.ltrim(key, len(pending), -1)
             sent += len(records)
         return sent
+
+
+def _as_bytes(value: bytes | str) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
