@@ -20,6 +20,8 @@ class LoopwiseGroup(click.Group):
     """Turns the errors a user can fix into one clear line and exit code 2, not a traceback."""
 
     def invoke(self, ctx: click.Context) -> Any:
+        from kafka.errors import KafkaError
+
         from loopwise.export import ExportError
         from loopwise.infra import InfraError
 
@@ -31,7 +33,7 @@ class LoopwiseGroup(click.Group):
         except InfraError as exc:
             console.print(f"[red]infrastructure error:[/red] {exc}")
             sys.exit(1)
-        except (ExportError, ValueError, TimeoutError) as exc:
+        except (ExportError, ValueError, OSError, TimeoutError, KafkaError) as exc:
             console.print(f"[red]error:[/red] {exc}")
             sys.exit(2)
 
@@ -380,6 +382,83 @@ def export(
 
 
 @main.command()
+@click.argument("logs", nargs=-1, required=True)
+@click.option(
+    "--target",
+    "targets",
+    multiple=True,
+    required=True,
+    help="A candidate policy: uniform, logged, pmf:FILE, snapshot:FILE, "
+    "vw:ARGS (e.g. 'vw:--cb_explore_adf --squarecb'), linucb[:alpha=...]. Repeatable.",
+)
+@click.option(
+    "--estimator",
+    "estimators",
+    multiple=True,
+    help="ips, clipped_ips, snips, dm, dr, sndr, switch_dr (default: all). Repeatable.",
+)
+@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--alpha",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=0.05,
+    show_default=True,
+    help="1 - confidence of the intervals.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--folds",
+    type=click.IntRange(min=2),
+    default=2,
+    show_default=True,
+    help="Cross-fitting folds of the DM/DR reward model.",
+)
+@click.option("--chunk", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="DESIGN.md's JSON on stdout.")
+@click.option("--progress/--no-progress", default=True)
+@click.pass_context
+def replay(
+    ctx: click.Context,
+    logs: tuple[str, ...],
+    targets: tuple[str, ...],
+    estimators: tuple[str, ...],
+    bootstrap: int,
+    alpha: float,
+    seed: int,
+    folds: int,
+    chunk: int,
+    as_json: bool,
+    progress: bool,
+) -> None:
+    """Estimate how candidate policies would have done, from the propensity log alone.
+
+    LOGS are exported files (.jsonl / .parquet from `loopwise export`) or `kafka:`
+    for the topic. Records with a missing or invalid propensity are counted
+    under `excluded`, never used.
+    """
+    from loopwise.replay import DEFAULT_ESTIMATORS, print_table
+    from loopwise.replay import replay as run_replay
+
+    result = run_replay(
+        list(logs),
+        list(targets),
+        _settings(ctx),
+        estimators=list(estimators) or list(DEFAULT_ESTIMATORS),
+        chunk=chunk,
+        n_bootstrap=bootstrap,
+        alpha=alpha,
+        seed=seed,
+        folds=folds,
+        progress=progress,
+        console=console,
+    )
+    if as_json:
+        click.echo(orjson.dumps(result).decode())
+    else:
+        print_table(result, Console())
+
+
+@main.command()
 @click.argument("decisions", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--holdout", default="popularity", show_default=True, help="The holdout arm.")
 @click.option("--last", type=click.IntRange(min=1), default=None, help="Also over the last N.")
@@ -413,12 +492,37 @@ def report(
 @main.command()
 @click.option("--events", "n_events", type=click.IntRange(min=1), default=20_000, show_default=True)
 @click.option("--keep-infra", is_flag=True, help="Leave Kafka and Redis running afterwards.")
+@click.option(
+    "--decisions",
+    "n_decisions",
+    type=click.IntRange(min=100),
+    default=20_000,
+    show_default=True,
+    help="Closed-loop decisions after the organic traffic.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-output"),
+    show_default=True,
+    help="Where the decisions file and the learning-curve PNG go.",
+)
 @click.pass_context
-def demo(ctx: click.Context, n_events: int, keep_infra: bool) -> None:
+def demo(
+    ctx: click.Context, n_events: int, keep_infra: bool, n_decisions: int, out_dir: Path
+) -> None:
     """The main job end to end: infra up, worker, simulator, summary of what landed in Redis."""
     from loopwise.demo import run_demo
 
-    sys.exit(run_demo(_settings(ctx), n_events, keep_infra=keep_infra))
+    sys.exit(
+        run_demo(
+            _settings(ctx),
+            n_events,
+            keep_infra=keep_infra,
+            n_decisions=n_decisions,
+            out_dir=out_dir,
+        )
+    )
 
 
 if __name__ == "__main__":

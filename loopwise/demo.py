@@ -2,9 +2,14 @@
 
 Starts the local Kafka broker and Redis (unless already up), a worker process,
 publishes a simulated marketplace's catalog and traffic plus a few malformed
-messages, waits until the worker has consumed every one, stops the worker with
-SIGTERM, and prints what landed in Redis. Exit code 0 only if the counts
-reconcile: accepted + duplicates + dead-lettered = published.
+messages and waits until the worker has consumed every one; then closes the
+loop: the simulator plays a serving layer, showing each user's
+``nba:{user_id}`` and publishing their reactions, while the worker joins
+rewards, logs propensities and learns. It prints the experiment report (per
+arm, lift over the holdout, oracle and uniform references), writes the
+learning curve PNG, stops the worker with SIGTERM and prints what landed in
+Redis. Exit code 0 only if the counts reconcile: accepted + duplicates +
+dead-lettered = consumed.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import orjson
 from kafka import KafkaProducer
@@ -22,7 +28,9 @@ from rich.console import Console
 
 from config import Settings
 from loopwise.infra import LocalInfra
+from loopwise.report import build_report, plot_report, print_report
 from loopwise.summary import print_summary, read_summary
+from producers.closed_loop import run_closed_loop
 from producers.simulator import MarketConfig, Marketplace
 from producers.traffic import publish_traffic
 from streams.topics import ensure_topics
@@ -48,7 +56,14 @@ MALFORMED: list[bytes] = [
 ]
 
 
-def run_demo(settings: Settings, n_events: int, *, keep_infra: bool = False) -> int:
+def run_demo(
+    settings: Settings,
+    n_events: int,
+    *,
+    keep_infra: bool = False,
+    n_decisions: int = 20_000,
+    out_dir: Path = Path("demo-output"),
+) -> int:
     local = LocalInfra.from_settings(settings)
     was_up = all(part["up"] for part in local.status().values())
     console.rule("[bold]1. local Kafka broker and Redis")
@@ -62,8 +77,15 @@ def run_demo(settings: Settings, n_events: int, *, keep_infra: bool = False) -> 
             [sys.executable, "-m", "loopwise.cli", "worker"], env=os.environ.copy()
         )
         console.rule("[bold]3. simulated traffic")
+        # One marketplace for the organic traffic and the closed loop: same users and items.
         market = Marketplace(
-            MarketConfig(seed=7, run_tag=uuid.uuid4().hex[:8], start_ms=int(time.time() * 1000))
+            MarketConfig(
+                n_users=200,
+                n_items=20,
+                seed=3,
+                run_tag=uuid.uuid4().hex[:8],
+                start_ms=int(time.time() * 1000),
+            )
         )
         published = publish_traffic(settings, market, n_events)
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
@@ -77,25 +99,38 @@ def run_demo(settings: Settings, n_events: int, *, keep_infra: bool = False) -> 
         )
         console.rule("[bold]4. waiting for the worker")
         consumed = _wait_for(settings, before + published, worker, timeout_s=300)
+        if consumed < before + published:
+            console.print("[red]the worker did not consume everything[/red]")
+            return 1
+        console.rule("[bold]5. closed loop: the simulator serves nba:{user_id} and reacts to it")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        decisions = out_dir / "closed-loop.jsonl"
+        result = run_closed_loop(settings, market, n_decisions, decisions, rate=3000.0)
+        _wait_for(settings, before + published + result.published, worker, timeout_s=300)
+        report = build_report(decisions, holdout=settings.holdout_arm, last=n_decisions // 2)
+        print_report(report, console)
+        png = plot_report(
+            decisions, out_dir / "closed-loop.png", window=1000, holdout=settings.holdout_arm
+        )
+        console.print(f"learning curve: {png}")
         _stop(worker)
         worker = None
-        console.rule("[bold]5. what landed in Redis")
+        console.rule("[bold]6. what landed in Redis")
         summary = read_summary(settings, 3)
         print_summary(summary, console)
-        if consumed < before + published or not summary["reconciled"]:
-            console.print(
-                "[red]the worker did not consume everything, or counts do not reconcile[/red]"
-            )
+        if not summary["reconciled"]:
+            console.print("[red]counts do not reconcile[/red]")
             return 1
         console.print(
-            "[green]demo done[/green]: every message is in Redis or on the dead-letter topic."
+            "[green]demo done[/green]: every message is in Redis or on the dead-letter topic; "
+            f"decisions and the learning curve are in {out_dir}/."
         )
         return 0
     finally:
         if worker is not None:
             _stop(worker)
         if not keep_infra and not was_up:
-            console.rule("[bold]6. stopping the local infrastructure (--keep-infra keeps it)")
+            console.rule("[bold]7. stopping the local infrastructure (--keep-infra keeps it)")
             local.down()
 
 

@@ -56,7 +56,7 @@ def run_closed_loop(
     seed: int = 0,
     progress: bool = True,
     wait_for_worker_s: float = 120.0,
-    session_stickiness: float = 0.8,
+    session_stickiness: float = 0.9,
 ) -> ClosedLoopReport:
     """Publish the catalog, then ``n_decisions`` shown decisions and their outcomes.
 

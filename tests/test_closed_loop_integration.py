@@ -62,7 +62,9 @@ def test_closed_loop_learns_close_to_the_oracle(
 ) -> None:
     s = isolated_settings.model_copy(update={"snapshot_interval_s": 2.0})
     ensure_topics(s)
-    market = Marketplace(MarketConfig(seed=3, run_tag=s.key_prefix.strip(":")))
+    market = Marketplace(
+        MarketConfig(n_users=200, n_items=20, seed=3, run_tag=s.key_prefix.strip(":"))
+    )
     r = redis.Redis.from_url(s.redis_url)
     worker = start_worker(s)
     out = tmp_path / "decisions.jsonl"

@@ -1,0 +1,311 @@
+"""Target (candidate) policies for off-policy evaluation: a pmf over each logged record's actions.
+
+Every target answers the same two calls, record by record in log order::
+
+    pmf = target.pmf(record)     # pi(.|x) over record["actions"], or None: excluded
+    target.update(record)        # progressive targets learn from the logged outcome; else no-op
+
+``pmf`` returns None for a record the target cannot score, and counts why in
+``target.excluded`` (``{reason: count}``); such rounds leave the candidate's estimates.
+
+Names (as on the command line, see :func:`make_target`):
+
+* ``uniform`` -- ``1 / K`` on each of the ``K`` actions;
+* ``logged`` -- the logged pmf (its IPS weights are all 1: IPS/SNIPS reproduce the on-policy
+  average reward exactly, a sanity check of the log);
+* ``pmf:FILE`` -- a per-decision pmf file, JSON lines ``{"decision_id", "pmf"}`` aligned with the
+  record's actions (the whole file is held in memory as a dict);
+* ``snapshot:FILE`` -- a saved Loopwise policy (:func:`learners.policy.restore`), frozen;
+* ``vw:ARGS`` -- a :class:`~learners.vw_policy.VWPolicy` with those VW arguments (they must
+  contain ``--cb_explore_adf``), trained **progressively** on the log: each record is scored
+  before the policy learns from it (logged action, propensity and reward), so the estimate is
+  that of the learning policy run on this traffic (counterfactual learning);
+* ``linucb`` (or ``linucb:alpha=0.3,epsilon=0.05``) -- :class:`~learners.linucb.LinUCBPolicy`
+  on river, progressive too.
+
+The shared features a policy sees are ``{"user": record["user_features"] or {"user_id": ...},
+"context": record["context"]}``, as when the decision was made.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import orjson
+
+from learners.policy import Action, FloatArray, Policy, SnapshotError, restore
+
+__all__ = [
+    "LinUCBTarget",
+    "LoggedTarget",
+    "PmfFileTarget",
+    "SnapshotTarget",
+    "TargetError",
+    "TargetPolicy",
+    "UniformTarget",
+    "VWTarget",
+    "make_target",
+    "record_actions",
+    "record_shared",
+]
+
+_PMF_TOLERANCE = 1e-6
+
+
+class TargetError(ValueError):
+    """A target cannot be built (bad name, missing or malformed file); says what to fix."""
+
+
+def record_shared(record: Mapping[str, Any]) -> dict[str, Any]:
+    """``{"user": ..., "context": ...}`` of a log record, as a policy's ``shared`` argument."""
+    user = record.get("user_features") or {"user_id": record.get("user_id")}
+    return {"user": user, "context": record.get("context") or {}}
+
+
+def record_actions(record: Mapping[str, Any]) -> list[Action]:
+    """The record's candidate actions as :class:`~learners.policy.Action` objects."""
+    return [Action(str(a["id"]), a.get("features") or {}) for a in record["actions"]]
+
+
+@runtime_checkable
+class TargetPolicy(Protocol):
+    """What every target answers (see the module docstring)."""
+
+    name: str
+    excluded: dict[str, int]
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        """``pi(.|x)`` over ``record["actions"]``, or None (the reason is counted)."""
+        ...
+
+    def update(self, record: Mapping[str, Any]) -> None:
+        """Learn from the logged outcome (progressive targets), after :meth:`pmf`."""
+        ...
+
+
+class _Target:
+    name = ""
+    validated = False
+    """True when every pmf returned is already checked (length K, >= 0, sums to 1)."""
+
+    def __init__(self) -> None:
+        self.excluded: dict[str, int] = {}
+
+    def _exclude(self, reason: str) -> None:
+        self.excluded[reason] = self.excluded.get(reason, 0) + 1
+
+    def update(self, record: Mapping[str, Any]) -> None:
+        """Frozen target: nothing to learn."""
+
+
+class UniformTarget(_Target):
+    """``pi(a|x) = 1 / K``."""
+
+    name = "uniform"
+    validated = True
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        k = len(record["actions"])
+        return np.full(k, 1.0 / k)
+
+
+class LoggedTarget(_Target):
+    """The logger's own pmf (records without a ``pmf`` are excluded: ``logged_pmf_missing``)."""
+
+    name = "logged"
+    validated = True  # the record's pmf passed loopwise.replay.check_record
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        pmf = record.get("pmf")
+        if pmf is None:
+            self._exclude("logged_pmf_missing")
+            return None
+        return np.asarray(pmf, dtype=np.float64)
+
+
+class PmfFileTarget(_Target):
+    """A per-decision pmf file: JSON lines ``{"decision_id": str, "pmf": [float, ...]}``.
+
+    The file is validated when loaded (a line that is not such an object, a pmf with a negative
+    or non-finite entry or not summing to 1, a repeated decision_id: :class:`TargetError` naming
+    the file and line). Records whose decision_id is absent from the file are excluded as
+    ``pmf_file_missing_decision``, pmfs whose length differs from the record's actions as
+    ``pmf_file_length_mismatch``; :attr:`unused` counts file entries no record asked for.
+    """
+
+    validated = True  # at load time; the length per record in pmf()
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__()
+        self.path = Path(path)
+        self.name = f"pmf:{path}"
+        self._pmfs = _load_pmf_file(self.path)
+        self._used: set[str] = set()
+
+    @property
+    def unused(self) -> int:
+        """File entries whose decision_id no scored record had."""
+        return len(self._pmfs) - len(self._used)
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        decision_id = record.get("decision_id")
+        pmf = self._pmfs.get(decision_id) if isinstance(decision_id, str) else None
+        if pmf is None:
+            self._exclude("pmf_file_missing_decision")
+            return None
+        assert isinstance(decision_id, str)
+        self._used.add(decision_id)
+        if len(pmf) != len(record["actions"]):
+            self._exclude("pmf_file_length_mismatch")
+            return None
+        return pmf
+
+
+def _load_pmf_file(path: Path) -> dict[str, FloatArray]:
+    if not path.is_file():
+        raise TargetError(f"pmf file {str(path)!r} does not exist")
+    out: dict[str, FloatArray] = {}
+    with path.open("rb") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                item = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                raise TargetError(f"{where}: not valid JSON: {exc}") from None
+            if not isinstance(item, dict) or not isinstance(item.get("decision_id"), str):
+                raise TargetError(f'{where}: need an object with a string "decision_id"')
+            values = item.get("pmf")
+            if not isinstance(values, list) or not values:
+                raise TargetError(f'{where}: "pmf" must be a non-empty list of numbers')
+            if not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+                for v in values
+            ):
+                raise TargetError(f'{where}: "pmf" entries must be finite numbers')
+            pmf = np.asarray(values, dtype=np.float64)
+            if pmf.min() < 0 or abs(float(pmf.sum()) - 1.0) > _PMF_TOLERANCE:
+                raise TargetError(
+                    f'{where}: "pmf" must be >= 0 and sum to 1 (sum is {float(pmf.sum()):.9g})'
+                )
+            if item["decision_id"] in out:
+                raise TargetError(f"{where}: decision_id {item['decision_id']!r} repeated")
+            out[item["decision_id"]] = pmf
+    if not out:
+        raise TargetError(f"pmf file {str(path)!r} holds no pmf")
+    return out
+
+
+class _PolicyTarget(_Target):
+    """A Loopwise :class:`~learners.policy.Policy`; ``progressive`` ones learn after scoring."""
+
+    def __init__(self, name: str, policy: Policy, progressive: bool) -> None:
+        super().__init__()
+        self.name = name
+        self.policy = policy
+        self.progressive = progressive
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        p = np.asarray(
+            self.policy.pmf(record_shared(record), record_actions(record)), dtype=np.float64
+        )
+        total = float(p.sum())
+        if p.shape != (len(record["actions"]),) or not (total > 0 and math.isfinite(total)):
+            self._exclude("policy_pmf_invalid")
+            return None
+        out: FloatArray = p / total
+        return out
+
+    def update(self, record: Mapping[str, Any]) -> None:
+        if self.progressive:
+            self.policy.learn(
+                record_shared(record),
+                record_actions(record),
+                int(record["chosen"]),
+                float(record["propensity"]),
+                float(record["reward"]),
+            )
+
+
+class SnapshotTarget(_PolicyTarget):
+    """A saved policy snapshot (file bytes from ``policy.snapshot()``), frozen."""
+
+    def __init__(self, path: str | Path) -> None:
+        file = Path(path)
+        if not file.is_file():
+            raise TargetError(f"snapshot file {str(file)!r} does not exist")
+        try:
+            policy = restore(file.read_bytes())
+        except SnapshotError as exc:
+            raise TargetError(f"snapshot file {str(file)!r}: {exc}") from None
+        super().__init__(f"snapshot:{path}", policy, progressive=False)
+
+
+class VWTarget(_PolicyTarget):
+    """``VWPolicy(args=ARGS)``, learning progressively (score first, then learn)."""
+
+    def __init__(self, args: str, seed: int = 0) -> None:
+        from learners.vw_policy import VWPolicy
+
+        try:
+            policy = VWPolicy(args=args, seed=seed)
+        except (ValueError, RuntimeError) as exc:
+            raise TargetError(f"vw:{args}: {exc}") from None
+        super().__init__(f"vw:{args}", policy, progressive=True)
+
+
+class LinUCBTarget(_PolicyTarget):
+    """``LinUCBPolicy(**params)`` on river, learning progressively."""
+
+    def __init__(self, params: Mapping[str, Any] | None = None) -> None:
+        from learners.linucb import LinUCBPolicy
+
+        try:
+            policy = LinUCBPolicy(**dict(params or {}))
+        except (TypeError, ValueError) as exc:
+            raise TargetError(f"linucb: {exc}") from None
+        super().__init__("linucb", policy, progressive=True)
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            params[key.strip()] = float(value)
+        except ValueError:
+            raise TargetError(f"linucb parameter {part!r}: write name=number") from None
+    if "dim" in params:
+        params["dim"] = int(params["dim"])
+    return params
+
+
+def make_target(spec: str, *, seed: int = 0) -> TargetPolicy:
+    """The target named ``spec``: ``uniform``, ``logged``, ``pmf:FILE``, ``snapshot:FILE``,
+    ``vw:ARGS``, ``linucb`` or ``linucb:name=value,...`` (:class:`TargetError` otherwise)."""
+    kind, _, rest = spec.partition(":")
+    if spec == "uniform":
+        return UniformTarget()
+    if spec == "logged":
+        return LoggedTarget()
+    if kind == "pmf" and rest:
+        return PmfFileTarget(rest)
+    if kind == "snapshot" and rest:
+        return SnapshotTarget(rest)
+    if kind == "vw" and rest:
+        return VWTarget(rest, seed=seed)
+    if kind == "linucb":
+        target = LinUCBTarget(_parse_params(rest))
+        target.name = spec
+        return target
+    raise TargetError(
+        f"unknown target {spec!r}; use uniform, logged, pmf:FILE, snapshot:FILE, "
+        "vw:ARGS (e.g. 'vw:--cb_explore_adf --squarecb') or linucb"
+    )
