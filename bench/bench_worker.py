@@ -9,7 +9,9 @@ here on free ports):
   (validation, dedupe, user state, Redis transaction) without Faust: the cost
   of our core;
 - ``loopwise worker``: the product, a Faust worker process, timed by polling
-  its Redis counters from its first applied batch to its last.
+  its Redis counters from its first applied batch to its last: with the
+  learning loop off (user state only) and on (every touched user also gets a
+  fresh VW decision after each batch).
 
 Ratios to the ceiling are what to compare across machines, not absolute rates.
 
@@ -120,11 +122,12 @@ def core_without_faust(settings: Settings, n: int) -> float:
     return asyncio.run(run())
 
 
-def faust_worker(settings: Settings, n: int) -> float:
+def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
     client = redis.Redis.from_url(settings.redis_url)
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
     env.update(settings.as_env())
     env["LOOPWISE_WORKER_LOG_LEVEL"] = "warning"
+    env["LOOPWISE_DECISIONS"] = "true" if decisions else "false"
     worker = subprocess.Popen([sys.executable, "-m", "loopwise.cli", "worker"], env=env)
     stats_key = settings.key("stats")
     try:
@@ -187,12 +190,13 @@ def main() -> None:
             )
             ensure_topics(base)
             n = preload(base, args.events)
-            rows: dict[str, list[float]] = {"ceiling": [], "core": [], "worker": []}
+            rows: dict[str, list[float]] = {"ceiling": [], "core": [], "worker": [], "loop": []}
             for i in range(args.repeat):
                 console.print(f"round {i + 1}/{args.repeat}")
                 rows["ceiling"].append(ceiling(fresh(base), n))
                 rows["core"].append(core_without_faust(fresh(base), n))
                 rows["worker"].append(faust_worker(fresh(base), n))
+                rows["loop"].append(faust_worker(fresh(base), n, decisions=True))
         finally:
             infra.down()
     report(rows, n, args)
@@ -202,7 +206,8 @@ def report(rows: dict[str, list[float]], n: int, args: argparse.Namespace) -> No
     labels = {
         "ceiling": "raw aiokafka + orjson (ceiling)",
         "core": "aiokafka + Loopwise pipeline (no Faust)",
-        "worker": "loopwise worker (Faust) into Redis",
+        "worker": "loopwise worker (Faust), user state only",
+        "loop": "loopwise worker (Faust), full loop (a decision per touched user)",
     }
     top = statistics.median(rows["ceiling"])
     table = Table(title=f"{n:,} events, batch {args.batch_size}, median of {args.repeat}")

@@ -65,6 +65,9 @@ def build_app(settings: Settings) -> faust.App:
         broker_max_poll_records=settings.batch_size,
         # A crashed worker's partitions move to a new one after this long, not Faust's 60 s.
         broker_session_timeout=10.0,
+        # On SIGTERM do not wait for unacked events: the learner holds its events until the
+        # next snapshot, and every unacked event is replayed and skipped (idempotent) anyway.
+        stream_wait_empty=False,
         broker_heartbeat_interval=3.0,
     )
     events_topic = _raw_topic(app, settings.events_topic)
