@@ -22,10 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,6 +41,7 @@ from producers.sdk import EventPublisher
 from producers.simulator import MarketConfig, Marketplace
 from producers.traffic import RateLimiter
 from streams.topics import ensure_topics
+from streams.worker import spawn_worker, stop_worker
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"
@@ -117,15 +114,11 @@ def main() -> None:
                 propensity_log_topic="fresh.propensity-log",
             )
             ensure_topics(settings)
-            env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
-            env.update(settings.as_env())
-            env["LOOPWISE_WORKER_LOG_LEVEL"] = "warning"
-            worker = subprocess.Popen([sys.executable, "-m", "loopwise.cli", "worker"], env=env)
+            worker = spawn_worker(settings, log_level="warning")
             result = measure(settings, args)
         finally:
             if worker is not None:
-                worker.send_signal(signal.SIGTERM)
-                worker.wait(60)
+                stop_worker(worker)
             infra.down()
     report(result, args)
 

@@ -23,11 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -48,6 +44,7 @@ from producers.simulator import MarketConfig, Marketplace
 from streams.pipeline import Message, UserStatePipeline
 from streams.redis_store import RedisStore
 from streams.topics import ensure_topics
+from streams.worker import spawn_worker, stop_worker
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"
@@ -124,11 +121,7 @@ def core_without_faust(settings: Settings, n: int) -> float:
 
 def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
     client = redis.Redis.from_url(settings.redis_url)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
-    env.update(settings.as_env())
-    env["LOOPWISE_WORKER_LOG_LEVEL"] = "warning"
-    env["LOOPWISE_DECISIONS"] = "true" if decisions else "false"
-    worker = subprocess.Popen([sys.executable, "-m", "loopwise.cli", "worker"], env=env)
+    worker = spawn_worker(settings.model_copy(update={"decisions": decisions}), "warning")
     stats_key = settings.key("stats")
     try:
         first_at = first_count = 0.0
@@ -147,8 +140,7 @@ def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
             time.sleep(0.02)
         raise RuntimeError("worker did not finish in 600 s")
     finally:
-        worker.send_signal(signal.SIGTERM)
-        worker.wait(timeout=60)
+        stop_worker(worker)
         client.close()
 
 

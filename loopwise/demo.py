@@ -14,10 +14,7 @@ dead-lettered = consumed.
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +31,7 @@ from producers.closed_loop import run_closed_loop
 from producers.simulator import MarketConfig, Marketplace
 from producers.traffic import publish_traffic
 from streams.topics import ensure_topics
+from streams.worker import spawn_worker, stop_worker
 
 console = Console()
 
@@ -73,15 +71,13 @@ def run_demo(
     try:
         before = read_summary(settings, 0)["stats"].get("consumed", 0)
         console.rule("[bold]2. worker")
-        worker = subprocess.Popen(
-            [sys.executable, "-m", "loopwise.cli", "worker"], env=os.environ.copy()
-        )
+        worker = spawn_worker(settings)
         console.rule("[bold]3. simulated traffic")
         # One marketplace for the organic traffic and the closed loop: same users and items.
         market = Marketplace(
             MarketConfig(
                 n_users=200,
-                n_items=20,
+                n_items=12,
                 seed=3,
                 run_tag=uuid.uuid4().hex[:8],
                 start_ms=int(time.time() * 1000),
@@ -153,10 +149,4 @@ def _wait_for(
 
 
 def _stop(worker: subprocess.Popen[bytes]) -> None:
-    if worker.poll() is None:
-        worker.send_signal(signal.SIGTERM)
-        try:
-            worker.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            worker.kill()
-            worker.wait()
+    stop_worker(worker)

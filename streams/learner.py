@@ -2,7 +2,8 @@
 
 The log is the source of truth for learning: the learner consumes
 ``loopwise.propensity-log`` and every policy learns from every record (each is
-a logged bandit example with its propensity, whichever arm made it). Models are
+a logged bandit example with its propensity, whichever arm made it), except
+the holdout, which learns only from its own arm's records. Models are
 snapshotted to Redis (``{p}model``: one field per arm, and ``offsets``, the next
 log offset to learn per partition) every ``snapshot_interval_s``; log offsets
 are acked to Kafka only once a snapshot containing them is saved. After a
@@ -109,8 +110,12 @@ class Learner:
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
                 log.warning("log record %d@%d not learnable: %r", offset, partition, exc)
                 continue
-            for policy in self.policies.values():
-                policy.learn(shared, actions, chosen, propensity, reward)
+            holdout = self.settings.holdout_arm
+            for arm, policy in self.policies.items():
+                # The holdout learns only from its own traffic: a holdout that learned from
+                # the personalized arms' choices would no longer measure "without them".
+                if arm != holdout or example.get("arm") == holdout:
+                    policy.learn(shared, actions, chosen, propensity, reward)
             self._count_popularity(actions[chosen].id, reward)
             learned += 1
         self.learned += learned

@@ -7,10 +7,8 @@ the clicks its hidden ground truth draws. The worker joins, logs, learns.
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -27,15 +25,13 @@ from loopwise.report import build_report
 from producers.closed_loop import run_closed_loop
 from producers.simulator import MarketConfig, Marketplace
 from streams.topics import ensure_topics
+from streams.worker import spawn_worker
 
 pytestmark = pytest.mark.integration
 
 
 def start_worker(s: Settings) -> subprocess.Popen[bytes]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
-    env.update(s.as_env())
-    env["LOOPWISE_WORKER_LOG_LEVEL"] = "warning"
-    return subprocess.Popen([sys.executable, "-m", "loopwise.cli", "worker"], env=env)
+    return spawn_worker(s, log_level="warning")
 
 
 def stats(r: redis.Redis, s: Settings) -> Counter[str]:
@@ -63,7 +59,7 @@ def test_closed_loop_learns_close_to_the_oracle(
     s = isolated_settings.model_copy(update={"snapshot_interval_s": 2.0})
     ensure_topics(s)
     market = Marketplace(
-        MarketConfig(n_users=100, n_items=12, seed=3, run_tag=s.key_prefix.strip(":"))
+        MarketConfig(n_users=200, n_items=12, seed=3, run_tag=s.key_prefix.strip(":"))
     )
     # The ground truth is contextual: for most users the best item changes with the context.
     contexts = [{"device": d, "hour": h} for d in market.config.devices for h in (3, 9, 15, 21)]

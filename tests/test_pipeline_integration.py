@@ -10,9 +10,7 @@ with its reason; and the counts must reconcile exactly.
 from __future__ import annotations
 
 import random
-import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from decimal import Decimal
@@ -26,6 +24,7 @@ from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from config import Settings
 from producers.simulator import MarketConfig, Marketplace
 from streams.topics import ensure_topics
+from streams.worker import spawn_worker, stop_worker
 
 pytestmark = pytest.mark.integration
 
@@ -158,19 +157,7 @@ def build_traffic(s: Settings, seed: int = 11) -> dict[str, Any]:
 
 
 def start_worker(s: Settings) -> subprocess.Popen[bytes]:
-    env = {**_base_env(), **s.as_env()}
-    return subprocess.Popen([sys.executable, "-m", "loopwise.cli", "worker"], env=env)
-
-
-def _base_env() -> dict[str, str]:
-    import os
-
-    return {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
-
-
-def stop_worker(worker: subprocess.Popen[bytes]) -> int:
-    worker.send_signal(signal.SIGTERM)
-    return worker.wait(timeout=60)
+    return spawn_worker(s)
 
 
 def wait_until(predicate: Any, timeout: float, what: str, worker: subprocess.Popen[bytes]) -> None:
