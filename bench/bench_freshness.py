@@ -205,7 +205,7 @@ def report(result: dict[str, list[float]], args: argparse.Namespace) -> None:
             continue
         p50, p99 = np.percentile(values, [50, 99])
         table.add_row(label, str(len(values)), f"{p50:.0f}", f"{p99:.0f}")
-        out[key] = {"n": len(values), "p50": p50, "p99": p99}
+        out[key] = {"n": len(values), "p50": float(p50), "p99": float(p99)}
     console.print(table)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "freshness.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
