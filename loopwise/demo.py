@@ -104,7 +104,7 @@ def run_demo(
         result = run_closed_loop(settings, market, n_decisions, decisions, rate=3000.0)
         _wait_for(settings, before + published + result.published, worker, timeout_s=300)
         report = build_report(decisions, holdout=settings.holdout_arm, last=n_decisions // 2)
-        print_report(report, console)
+        print_report(report, Console(width=max(console.width, 140)))  # a wide table
         png = plot_report(
             decisions, out_dir / "closed-loop.png", window=1000, holdout=settings.holdout_arm
         )
