@@ -178,6 +178,28 @@ def render_action(action: Action) -> str:
     return vw_action_line(action_features(action.id, action.features))
 
 
+class ActionLineCache:
+    """Renders each item's ``|A`` text once, and again only if its features change.
+
+    Call it as the ``render`` of :func:`vw_adf_lines`. Bounded: past ``max_items``
+    entries it starts over (a catalog that large churns anyway).
+    """
+
+    def __init__(self, max_items: int = 100_000) -> None:
+        self.max_items = max_items
+        self._lines: dict[str, tuple[Mapping[str, Any], str]] = {}
+
+    def __call__(self, action: Action) -> str:
+        hit = self._lines.get(action.id)
+        if hit is not None and hit[0] == action.features:
+            return hit[1]
+        line = render_action(action)
+        if len(self._lines) > self.max_items:
+            self._lines.clear()
+        self._lines[action.id] = (dict(action.features), line)  # a copy: edits show up
+        return line
+
+
 def vw_adf_lines(
     shared: Mapping[str, Any],
     actions: Sequence[Action],

@@ -43,7 +43,7 @@ import numpy as np
 import numpy.typing as npt
 from vowpalwabbit import Workspace
 
-from learners.features import render_action, vw_adf_lines
+from learners.features import ActionLineCache, vw_adf_lines
 from learners.policy import Action, FloatArray
 
 __all__ = [
@@ -539,7 +539,7 @@ class CrossFitRewardModel:
         self.folds = folds
         self.args = f"{args} --random_seed {seed}"
         self._models = [Workspace(self.args) for _ in range(folds)]
-        self._lines: dict[str, tuple[Mapping[str, Any], str]] = {}
+        self._action_line = ActionLineCache()
 
     def _action_lines(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> list[str]:
         lines = vw_adf_lines(shared, actions, None, self._action_line)
@@ -575,13 +575,3 @@ class CrossFitRewardModel:
         for model in self._models:
             model.finish()
         self._models = []
-
-    def _action_line(self, action: Action) -> str:
-        hit = self._lines.get(action.id)
-        if hit is not None and hit[0] == action.features:
-            return hit[1]
-        line = render_action(action)
-        if len(self._lines) > 100_000:
-            self._lines.clear()
-        self._lines[action.id] = (action.features, line)
-        return line

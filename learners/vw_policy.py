@@ -51,7 +51,7 @@ from typing import Any, Final
 import numpy as np
 from vowpalwabbit import Workspace
 
-from learners.features import render_action, vw_adf_lines
+from learners.features import ActionLineCache, vw_adf_lines
 from learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
 __all__ = ["DEFAULT_ARGS", "DEFAULT_EXPLORATION", "EXPLORATIONS", "VWPolicy", "vw_args"]
@@ -162,7 +162,7 @@ class VWPolicy:
         self._vw = Workspace(self.args)
         self._version = 0
         # id -> (catalog features, rendered |A text): an item's text is rendered once.
-        self._lines: dict[str, tuple[Mapping[str, Any], str]] = {}
+        self._action_line = ActionLineCache()
 
     # ------------------------------------------------------------- protocol
 
@@ -264,14 +264,3 @@ class VWPolicy:
         label: tuple[int, float, float] | None,
     ) -> list[str]:
         return vw_adf_lines(shared, actions, label, self._action_line)
-
-    def _action_line(self, action: Action) -> str:
-        """The item's ``|A`` text, rendered once per item (and again if its features change)."""
-        hit = self._lines.get(action.id)
-        if hit is not None and hit[0] == action.features:
-            return hit[1]
-        line = render_action(action)
-        if len(self._lines) > 100_000:
-            self._lines.clear()
-        self._lines[action.id] = (dict(action.features), line)  # a copy: edits show up
-        return line

@@ -113,17 +113,16 @@ class LearningLoop:
         events: list[tuple[Event, int]],
         states: Mapping[str, UserState | None],
         now_ms: int,
+        items: Mapping[str, Mapping[str, object]],
     ) -> LoopBatch:
-        """Join the batch's events, close due decisions, decide for every touched user."""
+        """Join the batch's events, close due decisions, decide for every touched user.
+
+        ``items`` are the features of the batch's own item events (in Redis only once
+        the batch's transaction ran), so its decisions already see them.
+        """
         await self.own({p for _, p in events})
         await self.catalog.refresh(self.store.client, self.key("catalog"))
-        self.catalog.update(
-            {
-                e.item_id: {**e.raw["features"], "active": e.raw.get("active", True)}
-                for e, _ in events
-                if e.type == "item"
-            }
-        )
+        self.catalog.update(items)
         batch = LoopBatch()
         shown = sorted({str(e.raw["decision_id"]) for e, _ in events if e.raw.get("decision_id")})
         decisions: dict[str, Decision] = {}

@@ -162,7 +162,7 @@ class UserStatePipeline:
         loop_batch = None
         if self.loop is not None:
             now_ms = int(time.time() * 1000)
-            loop_batch = await self.loop.stage(fresh_with_partition, users, now_ms)
+            loop_batch = await self.loop.stage(fresh_with_partition, users, now_ms, catalog)
             counters.update(loop_batch.counters())
 
         if batch.deadletters:
