@@ -58,6 +58,7 @@ __all__ = [
     "CrossFitRewardModel",
     "Estimator",
     "SwitchDR",
+    "bootstrap_intervals",
     "diagnostics",
     "make_estimator",
 ]
@@ -225,36 +226,60 @@ class BanditData:
 # ---------------------------------------------------------------------------------- estimators
 
 
-def _percentile_bootstrap(
-    terms: Sequence[FloatArray],
-    statistic: Callable[[FloatArray], FloatArray],
+Statistic = Callable[[FloatArray], FloatArray]
+"""Maps term means ``(replicates, k)`` to one estimate per replicate."""
+
+
+def bootstrap_intervals(
+    jobs: Sequence[tuple[Sequence[FloatArray], Statistic]],
     alpha: float,
     n_bootstrap: int,
     rng: np.random.Generator | int | None,
-) -> tuple[float, float]:
-    """Percentile interval of ``statistic(means of terms over resampled rounds)``.
+) -> list[tuple[float, float]]:
+    """Percentile intervals of several estimates over the same ``n`` rounds, in one bootstrap.
 
-    Rounds are resampled with replacement (``n`` of ``n``), in blocks of replicates so that the
-    index matrix stays below ``_BOOTSTRAP_BLOCK_CELLS`` entries.
+    Each job is ``(terms, statistic)``: per-round columns and the function of their means that
+    gives the estimate. A replicate resamples ``n`` of the ``n`` rounds with replacement; its
+    multiplicities ``c`` (``np.bincount`` of the drawn indices) give every term's mean at once as
+    ``c @ terms.T / n`` (a matrix product), so many estimators and candidates cost one draw of
+    ``n * n_bootstrap`` indices (int32, about 3 ns each) rather than one gather per term. Sharing
+    the replicates also makes the candidates' intervals paired. Replicates are drawn in blocks
+    whose index matrix stays below ``_BOOTSTRAP_BLOCK_CELLS`` entries.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha={alpha} must be in (0, 1)")
     if n_bootstrap < 1:
         raise ValueError(f"n_bootstrap={n_bootstrap} must be >= 1")
-    n = terms[0].shape[0]
+    if not jobs:
+        return []
+    n = jobs[0][0][0].shape[0]
+    if any(t.shape != (n,) for terms, _ in jobs for t in terms):
+        raise ValueError("every job's terms must have one entry per round (the same n)")
     if n == 0:
-        return float("nan"), float("nan")
+        return [(float("nan"), float("nan"))] * len(jobs)
     gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
-    stacked = np.stack(terms)  # (k, n)
-    values = np.empty(n_bootstrap, dtype=np.float64)
+    stacked_t = np.stack([t for terms, _ in jobs for t in terms], axis=1)  # (n, K)
+    spans: list[tuple[int, int]] = []
+    start_col = 0
+    for terms, _ in jobs:
+        spans.append((start_col, start_col + len(terms)))
+        start_col += len(terms)
+    values = np.empty((len(jobs), n_bootstrap), dtype=np.float64)
     block = max(1, min(n_bootstrap, _BOOTSTRAP_BLOCK_CELLS // n))
+    index_type = np.int32 if block * n < 2**31 else np.int64
     for start in range(0, n_bootstrap, block):
         b = min(block, n_bootstrap - start)
-        index = gen.integers(0, n, size=(b, n))
-        means = stacked[:, index].mean(axis=2).T  # (b, k)
-        values[start : start + b] = statistic(means)
-    low, high = np.nanquantile(values, [alpha / 2.0, 1.0 - alpha / 2.0])
-    return float(low), float(high)
+        index = gen.integers(0, n, size=(b, n), dtype=index_type)
+        index += (np.arange(b, dtype=index_type) * n)[:, None]
+        counts = np.bincount(index.ravel(), minlength=b * n).reshape(b, n)
+        means = (counts @ stacked_t) / n  # (b, K)
+        for j, (lo, hi) in enumerate(spans):
+            values[j, start : start + b] = jobs[j][1](means[:, lo:hi])
+    out = []
+    for row in values:
+        low, high = np.nanquantile(row, [alpha / 2.0, 1.0 - alpha / 2.0])
+        out.append((float(low), float(high)))
+    return out
 
 
 class Estimator:
@@ -295,7 +320,21 @@ class Estimator:
         """``(low, high)``: the ``1 - alpha`` percentile bootstrap interval over rounds."""
         if data.n == 0:
             return float("nan"), float("nan")
-        return _percentile_bootstrap(self._terms(data), self._statistic, alpha, n_bootstrap, rng)
+        return bootstrap_intervals([self.bootstrap_job(data)], alpha, n_bootstrap, rng)[0]
+
+    def bootstrap_job(self, data: BanditData) -> tuple[list[FloatArray], Statistic]:
+        """``(terms, statistic)`` for :func:`bootstrap_intervals` (many estimates, one draw)."""
+        return self._terms(data), self._statistic
+
+    def running_estimate(self, data: BanditData) -> FloatArray:
+        """The estimate over the first ``i + 1`` rounds, for every ``i`` (in log order)."""
+        if data.n == 0:
+            return np.zeros(0, dtype=np.float64)
+        count = np.arange(1, data.n + 1, dtype=np.float64)
+        means = np.stack([np.cumsum(t) / count for t in self._terms(data)], axis=1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out: FloatArray = self._statistic(means)
+        return out
 
 
 def _ratio_means(means: FloatArray) -> FloatArray:

@@ -7,6 +7,8 @@ Every target answers the same two calls, record by record in log order::
 
 ``pmf`` returns None for a record the target cannot score, and counts why in
 ``target.excluded`` (``{reason: count}``); such rounds leave the candidate's estimates.
+``target.score(records, sizes, logged_pmf)`` does both for a chunk of valid records (the replay
+calls it): record by record for policies, in bulk with numpy for ``uniform`` and ``logged``.
 
 Names (as on the command line, see :func:`make_target`):
 
@@ -30,14 +32,18 @@ The shared features a policy sees are ``{"user": record["user_features"] or {"us
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 
 from learners.policy import Action, FloatArray, Policy, SnapshotError, restore
+
+BoolArray = npt.NDArray[np.bool_]
+IntArray = npt.NDArray[np.int64]
 
 __all__ = [
     "LinUCBTarget",
@@ -86,6 +92,12 @@ class TargetPolicy(Protocol):
         """Learn from the logged outcome (progressive targets), after :meth:`pmf`."""
         ...
 
+    def score(
+        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+    ) -> tuple[FloatArray, BoolArray]:
+        """A chunk at once: ``pmf`` then ``update`` per record; ``(flat pmf, scored mask)``."""
+        ...
+
 
 class _Target:
     name = ""
@@ -95,11 +107,53 @@ class _Target:
     def __init__(self) -> None:
         self.excluded: dict[str, int] = {}
 
-    def _exclude(self, reason: str) -> None:
-        self.excluded[reason] = self.excluded.get(reason, 0) + 1
+    def _exclude(self, reason: str, count: int = 1) -> None:
+        self.excluded[reason] = self.excluded.get(reason, 0) + count
+
+    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
+        """``pi(.|x)`` over ``record["actions"]``, or None (the reason is counted)."""
+        raise NotImplementedError
 
     def update(self, record: Mapping[str, Any]) -> None:
         """Frozen target: nothing to learn."""
+
+    def score(
+        self,
+        records: Sequence[Mapping[str, Any]],
+        sizes: IntArray,
+        logged_pmf: FloatArray,
+    ) -> tuple[FloatArray, BoolArray]:
+        """Score a chunk of valid records in log order: ``(flat pmf, scored)``.
+
+        Record by record: :meth:`pmf` (checked unless :attr:`validated`), then :meth:`update`,
+        so progressive targets never see a record's outcome before scoring it. ``flat`` holds
+        ``sizes[i]`` entries per record (zeros where it was not scored); ``logged_pmf`` is the
+        records' flat logged pmf (NaN where absent), for targets that score in bulk.
+        """
+        parts: list[FloatArray] = []
+        scored = np.ones(len(records), dtype=np.bool_)
+        for i, record in enumerate(records):
+            k = int(sizes[i])
+            pmf = self.pmf(record)
+            if pmf is not None and not self.validated and not _valid_pmf(pmf, k):
+                self._exclude("target_pmf_invalid")
+                pmf = None
+            if pmf is None:
+                scored[i] = False
+                pmf = np.zeros(k)
+            parts.append(pmf)
+            self.update(record)
+        flat = np.concatenate(parts) if parts else np.zeros(0)
+        return flat, scored
+
+
+def _valid_pmf(pmf: FloatArray, k: int) -> bool:
+    return bool(
+        pmf.shape == (k,)
+        and np.all(np.isfinite(pmf))
+        and pmf.min() >= 0
+        and abs(float(pmf.sum()) - 1.0) <= _PMF_TOLERANCE
+    )
 
 
 class UniformTarget(_Target):
@@ -111,6 +165,13 @@ class UniformTarget(_Target):
     def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
         k = len(record["actions"])
         return np.full(k, 1.0 / k)
+
+    def score(
+        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+    ) -> tuple[FloatArray, BoolArray]:
+        """In bulk: ``1 / K_i`` repeated ``K_i`` times."""
+        flat: FloatArray = np.repeat(1.0 / sizes, sizes)
+        return flat, np.ones(len(records), dtype=np.bool_)
 
 
 class LoggedTarget(_Target):
@@ -125,6 +186,18 @@ class LoggedTarget(_Target):
             self._exclude("logged_pmf_missing")
             return None
         return np.asarray(pmf, dtype=np.float64)
+
+    def score(
+        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+    ) -> tuple[FloatArray, BoolArray]:
+        """In bulk: the logged pmf column; records without one are not scored."""
+        offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
+        scored: BoolArray = ~np.isnan(logged_pmf[offsets]) if len(records) else np.ones(0, bool)
+        missing = int(len(records) - scored.sum())
+        if missing:
+            self._exclude("logged_pmf_missing", missing)
+        flat: FloatArray = np.where(np.isnan(logged_pmf), 0.0, logged_pmf)
+        return flat, scored
 
 
 class PmfFileTarget(_Target):

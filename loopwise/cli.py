@@ -413,7 +413,13 @@ def export(
     show_default=True,
     help="Cross-fitting folds of the DM/DR reward model.",
 )
-@click.option("--chunk", type=click.IntRange(min=1), default=10_000, show_default=True)
+@click.option(
+    "--chunk",
+    type=click.IntRange(min=1),
+    default=1_000,
+    show_default=True,
+    help="Records held in memory at a time (validated and scored together).",
+)
 @click.option("--json", "as_json", is_flag=True, help="DESIGN.md's JSON on stdout.")
 @click.option("--progress/--no-progress", default=True)
 @click.pass_context
