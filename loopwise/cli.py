@@ -421,6 +421,13 @@ def export(
     help="Records held in memory at a time (validated and scored together).",
 )
 @click.option("--json", "as_json", is_flag=True, help="DESIGN.md's JSON on stdout.")
+@click.option(
+    "--report",
+    "report_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Also write an HTML page with plots (estimates, weights, cumulative) into DIR.",
+)
 @click.option("--progress/--no-progress", default=True)
 @click.pass_context
 def replay(
@@ -434,6 +441,7 @@ def replay(
     folds: int,
     chunk: int,
     as_json: bool,
+    report_dir: Path | None,
     progress: bool,
 ) -> None:
     """Estimate how candidate policies would have done, from the propensity log alone.
@@ -442,10 +450,9 @@ def replay(
     for the topic. Records with a missing or invalid propensity are counted
     under `excluded`, never used.
     """
-    from loopwise.replay import DEFAULT_ESTIMATORS, print_table
-    from loopwise.replay import replay as run_replay
+    from loopwise.replay import DEFAULT_ESTIMATORS, print_table, replay_details
 
-    result = run_replay(
+    result, details = replay_details(
         list(logs),
         list(targets),
         _settings(ctx),
@@ -457,11 +464,17 @@ def replay(
         folds=folds,
         progress=progress,
         console=console,
+        keep_rounds=report_dir is not None,
     )
     if as_json:
         click.echo(orjson.dumps(result).decode())
     else:
         print_table(result, Console())
+    if report_dir is not None and details is not None:
+        from loopwise.replay_report import write_report
+
+        page = write_report(result, details, report_dir, logs=list(logs))
+        console.print(f"report: {page}")
 
 
 @main.command()

@@ -115,6 +115,13 @@ def _number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def _finite(value: int | float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int beyond float range
+        return False
+
+
 def check_record(record: Mapping[str, Any]) -> tuple[str, str] | None:
     """None when the record is usable, else ``(reason, detail)``.
 
@@ -145,7 +152,7 @@ def check_record(record: Mapping[str, Any]) -> tuple[str, str] | None:
         if (
             not isinstance(pmf, list)
             or len(pmf) != len(actions)
-            or not all(_number(p) and math.isfinite(p) and p >= 0 for p in pmf)
+            or not all(_number(p) and _finite(p) and p >= 0 for p in pmf)
             or abs(math.fsum(pmf) - 1.0) > PMF_SUM_TOLERANCE
         ):
             return "invalid_pmf", "pmf must hold one probability per action, summing to 1"
@@ -157,7 +164,7 @@ def check_record(record: Mapping[str, Any]) -> tuple[str, str] | None:
     reward = record.get("reward")
     if reward is None:
         return "missing_reward", "no reward"
-    if not _number(reward) or not math.isfinite(reward):
+    if not _number(reward) or not _finite(reward):
         return "invalid_reward", f"reward={reward!r} is not a finite number"
     return None
 

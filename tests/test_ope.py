@@ -10,11 +10,23 @@ from typing import Any
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from learners.ope import DR, IPS, SNDR, SNIPS, BanditData, ClippedIPS, SwitchDR, diagnostics
+from learners.ope import (
+    DR,
+    IPS,
+    SNDR,
+    SNIPS,
+    BanditData,
+    ClippedIPS,
+    SwitchDR,
+    bootstrap_intervals,
+    diagnostics,
+)
 from learners.policy import apply_floor
 from learners.targets import TargetError, make_target
-from loopwise.replay import ReplayError, check_record, replay
+from loopwise.replay import ReplayError, _Problems, _validate, check_record, replay
 from producers.simulator import MarketConfig, Marketplace
 
 # ------------------------------------------------------------------------------ helpers
@@ -314,3 +326,78 @@ def test_progressive_targets_score_before_learning(tmp_path: Path) -> None:
         cell = result["candidates"][name]
         assert cell["diagnostics"]["n"] == 300
         assert cell["dr"]["value"] is not None and cell["ips"]["value"] is not None
+
+
+# ------------------------------------------------------------- bulk validation == check_record
+
+_MUTATIONS: list[tuple[str, Any]] = [
+    ("propensity", 0.0), ("propensity", -0.5), ("propensity", 1.0000001), ("propensity", "0.5"),
+    ("propensity", True), ("propensity", None), ("propensity", 10**400), ("propensity", 1),
+    ("reward", float("inf")), ("reward", "1"), ("reward", None), ("reward", 10**400),
+    ("reward", 3), ("chosen", -1), ("chosen", 2), ("chosen", 1.0), ("chosen", True),
+    ("chosen", None), ("context", None), ("context", []), ("actions", []),
+    ("actions", "item-0"), ("actions", [{"id": "a"}, "b"]), ("actions", [{"id": "a"}, {}]),
+    ("pmf", None), ("pmf", [0.5]), ("pmf", "0.5,0.5"), ("pmf", [0.5, "0.5"]),
+    ("pmf", [True, 0.0]), ("pmf", [1.5, -0.5]), ("pmf", [0.5, float("nan")]),
+    ("pmf", [0.5, 0.5 + 1e-6]), ("pmf", [0.5, 0.5 + 1e-6 + 1e-15]), ("pmf", [0.5, 0.5 - 1e-6]),
+    ("pmf", [1, 0]), ("pmf", [0.5 + 1e-10, 0.5]), ("pmf", [0.5, 0.5, 0.0]),
+]  # fmt: skip
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.sampled_from(range(len(_MUTATIONS) + 1)), max_size=3), min_size=1, max_size=40
+    )
+)
+def test_bulk_validation_keeps_exactly_what_check_record_accepts(plan: list[list[int]]) -> None:
+    """The fast path of the replay must agree with check_record on every record."""
+    records = []
+    for i, mutations in enumerate(plan):
+        record = _record(i, [0.5, 0.5], i % 2, float(i % 3 == 0))
+        for m in mutations:
+            if m < len(_MUTATIONS):
+                key, value = _MUTATIONS[m]
+                record[key] = value
+        if i % 5 == 0:
+            del record["pmf"]
+        records.append(record)
+    problems = _Problems()
+    kept, columns = _validate([(f"line {i}", r) for i, r in enumerate(records)], problems)
+    expected = [r for r in records if check_record(r) is None]
+    assert [id(r) for r in kept] == [id(r) for r in expected]
+    reasons: dict[str, int] = {}
+    for r in records:
+        bad = check_record(r)
+        if bad is not None:
+            reasons[bad[0]] = reasons.get(bad[0], 0) + 1
+    assert problems.counts == reasons
+    assert columns.reward.tolist() == [float(r["reward"]) for r in expected]
+    assert columns.propensity.tolist() == [float(r["propensity"]) for r in expected]
+    assert columns.chosen.tolist() == [r["chosen"] for r in expected]
+    assert columns.sizes.sum() == columns.logged_pmf.shape[0]
+
+
+def test_shared_bootstrap_equals_one_job_at_a_time() -> None:
+    rng = np.random.default_rng(1)
+    w = rng.exponential(size=500)
+    r = (rng.random(500) < 0.3).astype(float)
+    data = BanditData.from_pmfs(
+        reward=r,
+        propensity=1.0 / (1.0 + w),
+        chosen=[0] * 500,
+        target_pmfs=[[1.0]] * 500,
+    )
+    single = [
+        e.estimate_interval(data, n_bootstrap=300, rng=np.random.default_rng(7))
+        for e in (IPS(), SNIPS())
+    ]
+    shared = bootstrap_intervals(
+        [IPS().bootstrap_job(data), SNIPS().bootstrap_job(data)], 0.05, 300, 7
+    )
+    assert np.allclose(shared, single, rtol=1e-12, atol=0)
+    low, high = single[0]
+    assert low < IPS().estimate_policy_value(data) < high
+    running = SNIPS().running_estimate(data)
+    assert running[-1] == pytest.approx(SNIPS().estimate_policy_value(data), rel=1e-12)
+    assert running[0] == pytest.approx(r[0])
