@@ -3,12 +3,15 @@
 Three measurements on a synthetic propensity log (10 actions per record, a floored softmax
 logger, click rewards), generated into a temporary JSONL file:
 
-* ``ips+snips``: load + validate + IPS/SNIPS (``uniform`` and ``logged`` targets, bootstrap
-  intervals included) over ``--records`` records (default 1,000,000), versus a loop that parses
-  each line with orjson and sums ``w r`` and ``w``;
+* ``ips+snips``: load + validate + IPS/SNIPS (``uniform`` and ``logged`` targets, diagnostics
+  and 1,000-replicate bootstrap intervals included) over ``--records`` records (default
+  1,000,000), versus a loop that parses each line with orjson, checks it with
+  :func:`~loopwise.replay.check_record` and sums ``w r`` and ``w`` (point estimates only);
+* ``ips+snips, 1 replicate``: the same replay with a single bootstrap replicate, to show what
+  the intervals cost;
 * ``dr``: the same plus the cross-fitted VW reward model and DM/DR over ``--dr-records``
-  (default 100,000: the reward model costs ~0.3 ms a record in VW's text parser, so a full 1M
-  log takes ~5 min; pass ``--dr-records 1000000`` for it), versus a loop that trains the same
+  (default 1,000,000; the reward model costs ~0.3 ms a record in VW's text parser, so this row
+  takes minutes), versus a loop that trains the same
   :class:`~learners.ope.CrossFitRewardModel` (same seed, same order) and sums DR terms;
 * ``vw progressive``: a ``vw:--cb_explore_adf --squarecb`` candidate scored then trained record
   by record over ``--vw-records`` (default 20,000), versus a loop doing the same with
@@ -198,9 +201,9 @@ def _agree(a: dict[str, float], b: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--records", type=int, default=1_000_000)
-    parser.add_argument("--dr-records", type=int, default=100_000)
+    parser.add_argument("--dr-records", type=int, default=1_000_000)
     parser.add_argument("--vw-records", type=int, default=20_000)
-    parser.add_argument("--bootstrap", type=int, default=200)
+    parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -246,6 +249,20 @@ def main(argv: list[str] | None = None) -> int:
                 ["uniform", "logged"],
                 estimators=["ips", "snips"],
                 n_bootstrap=args.bootstrap,
+                seed=args.seed,
+                progress=False,
+            ),
+            lambda: loop_ips_snips(log, args.records),
+            ["uniform/ips", "uniform/snips", "logged/ips", "logged/snips"],
+        )
+        measure(
+            "ips+snips, 1 bootstrap replicate",
+            args.records,
+            lambda: replay(
+                [str(log)],
+                ["uniform", "logged"],
+                estimators=["ips", "snips"],
+                n_bootstrap=1,
                 seed=args.seed,
                 progress=False,
             ),

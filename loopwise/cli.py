@@ -422,6 +422,13 @@ def export(
 )
 @click.option("--json", "as_json", is_flag=True, help="DESIGN.md's JSON on stdout.")
 @click.option(
+    "--from", "start", default=None, help="kafka: logged at or after TIME (ms or ISO 8601)."
+)
+@click.option("--to", "end", default=None, help="kafka: logged before TIME (ms or ISO 8601).")
+@click.option("--start-offset", type=click.IntRange(min=0), default=None, help="kafka: from.")
+@click.option("--end-offset", type=click.IntRange(min=0), default=None, help="kafka: exclusive.")
+@click.option("--partition", "partitions", type=int, multiple=True, help="kafka: only these.")
+@click.option(
     "--report",
     "report_dir",
     type=click.Path(file_okay=False, path_type=Path),
@@ -441,6 +448,11 @@ def replay(
     folds: int,
     chunk: int,
     as_json: bool,
+    start: str | None,
+    end: str | None,
+    start_offset: int | None,
+    end_offset: int | None,
+    partitions: tuple[int, ...],
     report_dir: Path | None,
     progress: bool,
 ) -> None:
@@ -450,8 +462,20 @@ def replay(
     for the topic. Records with a missing or invalid propensity are counted
     under `excluded`, never used.
     """
+    from loopwise.export import parse_time
     from loopwise.replay import DEFAULT_ESTIMATORS, print_table, replay_details
 
+    kafka_range = {
+        key: value
+        for key, value in (
+            ("start_ms", parse_time(start) if start is not None else None),
+            ("end_ms", parse_time(end) if end is not None else None),
+            ("start_offset", start_offset),
+            ("end_offset", end_offset),
+            ("partitions", list(partitions) or None),
+        )
+        if value is not None
+    }
     result, details = replay_details(
         list(logs),
         list(targets),
@@ -465,6 +489,7 @@ def replay(
         progress=progress,
         console=console,
         keep_rounds=report_dir is not None,
+        kafka_range=kafka_range,
     )
     if as_json:
         click.echo(orjson.dumps(result).decode())

@@ -335,17 +335,45 @@ def iter_kafka_log(
     partitions: Sequence[int] | None = None,
     chunk: int = 5_000,
 ) -> Iterator[dict[str, Any]]:
-    """The records :func:`export_log` would write, straight from the topic (for ``kafka:``).
+    """The records :func:`export_log` would write, straight from the topic.
 
-    Unusable messages are left out silently; use :func:`export_log` to count them.
+    Unusable messages are left out; :func:`iter_kafka_messages` yields them with their reason.
+    """
+    for msg in iter_kafka_messages(
+        settings,
+        start_ms=start_ms,
+        end_ms=end_ms,
+        start_offset=start_offset,
+        end_offset=end_offset,
+        partitions=partitions,
+        chunk=chunk,
+    ):
+        if msg.record is not None:
+            yield msg.record
+
+
+def iter_kafka_messages(
+    settings: Settings,
+    *,
+    start_ms: int | None = None,
+    end_ms: int | None = None,
+    start_offset: int | None = None,
+    end_offset: int | None = None,
+    partitions: Sequence[int] | None = None,
+    chunk: int = 5_000,
+) -> Iterator[LogMessage]:
+    """Every message of the range (as :func:`export_log` selects it), usable or not.
+
+    A message whose ``record`` is None carries its ``problem`` (``tombstone``,
+    ``invalid_json``, ``not_an_object``); ``loopwise replay kafka:`` counts those.
     """
     _check_range("offset", start_offset, end_offset)
     _check_range("time", start_ms, end_ms)
     with _Reader(settings, start_ms, end_ms, start_offset, end_offset, partitions, chunk) as r:
         for batch in r.batches():
             for msg in batch:
-                if msg.record is not None and _in_time(msg.timestamp_ms, start_ms, end_ms):
-                    yield msg.record
+                if _in_time(msg.timestamp_ms, start_ms, end_ms):
+                    yield msg
 
 
 def read_log(path: Path | str, *, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:

@@ -206,15 +206,25 @@ def _read_jsonl(path: Path, problems: _Problems | None) -> Iterator[tuple[str, d
 
 
 def _read_source(
-    source: str, settings: Any, problems: _Problems | None
+    source: str,
+    settings: Any,
+    problems: _Problems | None,
+    kafka_range: Mapping[str, Any] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
     if source == KAFKA_LOG:
-        from loopwise.export import iter_kafka_log
+        from loopwise.export import ExportError, iter_kafka_messages
 
         if settings is None:
             raise ReplayError("kafka: needs settings (the broker and topic to read)")
-        for offset, record in enumerate(iter_kafka_log(settings)):
-            yield f"kafka record {offset}", record
+        try:
+            for msg in iter_kafka_messages(settings, **dict(kafka_range or {})):
+                where = f"kafka partition {msg.partition} offset {msg.offset}"
+                if msg.record is not None:
+                    yield where, msg.record
+                elif problems is not None and msg.problem is not None:
+                    problems.add(msg.problem[0], where, msg.problem[1])
+        except ExportError as exc:
+            raise ReplayError(f"kafka: {exc}") from None
         return
     path = Path(source)
     if path.suffix.lower() == ".jsonl":
@@ -371,11 +381,15 @@ def _validate(
 
 
 def _chunks(
-    source: str, settings: Any, problems: _Problems | None, size: int
+    source: str,
+    settings: Any,
+    problems: _Problems | None,
+    size: int,
+    kafka_range: Mapping[str, Any] | None = None,
 ) -> Iterator[list[tuple[str, dict[str, Any]]]]:
     """Records ``size`` at a time."""
     batch: list[tuple[str, dict[str, Any]]] = []
-    for item in _read_source(source, settings, problems):
+    for item in _read_source(source, settings, problems, kafka_range):
         batch.append(item)
         if len(batch) >= size:
             yield batch
@@ -491,6 +505,7 @@ def replay_details(
     progress: bool = True,
     console: Console | None = None,
     keep_rounds: bool = True,
+    kafka_range: Mapping[str, Any] | None = None,
 ) -> tuple[dict[str, Any], ReplayDetails | None]:
     """Estimate every target's value on the logs (see the module docstring for the steps).
 
@@ -499,7 +514,9 @@ def replay_details(
     :data:`learners.ope.ESTIMATORS`; ``chunk``: records held at a time; ``n_bootstrap`` and
     ``alpha``: the percentile bootstrap (``1 - alpha`` intervals, one shared draw for every
     candidate and estimator); ``seed``: bootstrap and VW seeds; ``folds``: cross-fitting folds
-    of the reward model; ``keep_rounds``: also return the per-round :class:`ReplayDetails`.
+    of the reward model; ``keep_rounds``: also return the per-round :class:`ReplayDetails`;
+    ``kafka_range``: keyword arguments of :func:`loopwise.export.iter_kafka_messages`
+    (``start_ms``, ``end_ms``, ``start_offset``, ``end_offset``, ``partitions``) for ``kafka:``.
 
     Raises :class:`ReplayError` for what must be fixed before anything can be estimated; bad
     records and lines are counted in ``excluded`` instead.
@@ -521,6 +538,11 @@ def replay_details(
     if not estimator_objects:
         raise ReplayError("no estimator given")
     _check_sources(logs)
+    if kafka_range and KAFKA_LOG not in logs:
+        raise ReplayError(
+            f"a time/offset/partition range applies to {KAFKA_LOG} only; "
+            "an exported file holds the range it was exported with"
+        )
     try:
         target_objects = [make_target(spec, seed=seed) for spec in targets]
     except TargetError as exc:
@@ -540,8 +562,8 @@ def replay_details(
             task = bar.add_task("replay: scoring", total=None)
             with _gc_paused():
                 n_valid = _pass_one(
-                    logs, settings, target_objects, model, problems, columns, chunk, spool, bar,
-                    task,
+                    logs, settings, kafka_range, target_objects, model, problems, columns, chunk,
+                    spool, bar, task,
                 )  # fmt: skip
             if spool is not None:
                 spool.close()
@@ -573,6 +595,7 @@ def replay_details(
 def _pass_one(
     logs: Sequence[str],
     settings: Any,
+    kafka_range: Mapping[str, Any] | None,
     targets: Sequence[TargetPolicy],
     model: CrossFitRewardModel | None,
     problems: _Problems,
@@ -584,7 +607,7 @@ def _pass_one(
 ) -> int:
     n_valid = 0
     for source in logs:
-        for items in _chunks(source, settings, problems, chunk_size):
+        for items in _chunks(source, settings, problems, chunk_size, kafka_range):
             records, chunk = _validate(items, problems)
             if not records:
                 continue

@@ -28,6 +28,7 @@ from loopwise.export import (
     read_log,
     write_parquet,
 )
+from loopwise.replay import ReplayError, replay
 from loopwise.report import build_report, mean_ci, plot_report, print_report, rolling_mean
 from streams.topics import ensure_topics
 
@@ -334,6 +335,7 @@ def _produce(settings: Settings, n: int) -> tuple[list[dict[str, Any]], int, dic
     producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers, acks="all")
     sent: list[tuple[Any, dict[str, Any] | None, int]] = []
     broken = {"invalid_json": 0, "not_an_object": 0}
+    broken_ts.clear()
     try:
         for i, record in enumerate(records):
             # Timestamps mostly rising, some 40 s early: time ranges must still be exact.
@@ -364,7 +366,13 @@ def _produce(settings: Settings, n: int) -> tuple[list[dict[str, Any]], int, dic
             valid.append(
                 {"record": kept, "partition": meta.partition, "offset": meta.offset, "ts": ts}
             )
+        else:
+            broken_ts.append(ts)
     return valid, base, broken
+
+
+broken_ts: list[int] = []
+"""Kafka timestamps of the broken messages of the last :func:`_produce`."""
 
 
 def _by_id(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -430,6 +438,30 @@ def test_export_against_the_real_broker(isolated_settings: Settings, tmp_path: P
     assert _by_id(list(iter_kafka_log(s, start_ms=start, end_ms=end))) == _by_id(
         [v["record"] for v in valid if start <= v["ts"] < end]
     )
+
+    # `replay kafka:` over that range estimates what the exported range file gives, and counts
+    # the range's broken messages under `excluded` instead of dropping them.
+    options: dict[str, Any] = {"estimators": ["ips", "snips"], "n_bootstrap": 50}
+    options["progress"] = False
+    from_kafka = replay(
+        ["kafka:"], ["uniform", "logged"], s, kafka_range={"start_ms": start, "end_ms": end},
+        **options,
+    )  # fmt: skip
+    from_file = replay([str(tmp_path / "time.parquet")], ["uniform", "logged"], **options)
+    assert from_kafka["n"] == from_file["n"] > 0
+    assert from_kafka["n"] + sum(from_file["excluded"].values()) == timed.records_written
+    for name in ("uniform", "logged"):
+        for estimator in ("ips", "snips"):
+            assert from_kafka["candidates"][name][estimator]["value"] == pytest.approx(
+                from_file["candidates"][name][estimator]["value"], rel=1e-12
+            )
+    in_range = sum(start <= ts < end for ts in broken_ts)
+    undecodable = {k: v for k, v in from_kafka["excluded"].items() if k in broken}
+    assert in_range > 0 and sum(undecodable.values()) == in_range
+    invalid = {k: v for k, v in from_kafka["excluded"].items() if k not in broken}
+    assert invalid == from_file["excluded"]
+    with pytest.raises(ReplayError, match="applies to kafka: only"):
+        replay([str(tmp_path / "time.parquet")], ["uniform"], kafka_range={"start_ms": 1})
 
     # A range past the end: an empty, valid file.
     empty = export_log(s, tmp_path / "none.parquet", start_ms=base + 10_000_000, progress=False)
