@@ -15,13 +15,18 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Debian's redis-server; Java 17 and Maven fetch and run the Kafka broker (jars from Maven Central).
+# Debian's redis-server; Debian's chromium (headless: the replay report's screenshot test);
+# Java 17 and Maven fetch and run the Kafka broker (jars from Maven Central).
 system-deps:
 	@command -v redis-server >/dev/null 2>&1 || { \
 	  echo "installing Debian's redis-server"; \
 	  $(SUDO) apt-get update -q && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q redis-server >/dev/null && \
 	  { $(SUDO) service redis-server stop >/dev/null 2>&1 || true; }; }
+	@command -v chromium >/dev/null 2>&1 || { \
+	  echo "installing Debian's chromium"; \
+	  $(SUDO) apt-get update -q && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
 	@command -v java >/dev/null 2>&1 || { echo "Java 17+ is required to run the Kafka broker (apt-get install openjdk-17-jre-headless)"; exit 1; }
 	@command -v mvn  >/dev/null 2>&1 || { echo "Maven is required to fetch the Kafka broker's jars (apt-get install maven)"; exit 1; }
 
