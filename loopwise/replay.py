@@ -185,24 +185,25 @@ class _Problems:
             self.examples.append(f"{where}: {reason}: {detail}")
 
 
-def _read_jsonl(path: Path, problems: _Problems | None) -> Iterator[tuple[str, dict[str, Any]]]:
-    """``(where, record)`` per JSON-object line; other lines are counted, never raised."""
+def _read_jsonl(path: Path, problems: _Problems | None) -> Iterator[_Item]:
+    """``(line number, record)`` per JSON-object line; other lines are counted, never raised."""
+    loads = orjson.loads
     with path.open("rb") as lines:
         for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
             try:
-                record = orjson.loads(line)
+                record = loads(line)
             except orjson.JSONDecodeError as exc:
+                if not line.strip():
+                    continue
                 if problems is not None:
-                    problems.add("invalid_json", where, str(exc))
+                    problems.add("invalid_json", f"{path}:{number}", str(exc))
                 continue
-            if not isinstance(record, dict):
+            if type(record) is not dict:
                 if problems is not None:
-                    problems.add("not_an_object", where, f"a JSON {type(record).__name__}")
+                    kind = type(record).__name__
+                    problems.add("not_an_object", f"{path}:{number}", f"a JSON {kind}")
                 continue
-            yield where, record
+            yield number, record
 
 
 def _read_source(
@@ -210,7 +211,7 @@ def _read_source(
     settings: Any,
     problems: _Problems | None,
     kafka_range: Mapping[str, Any] | None = None,
-) -> Iterator[tuple[str, dict[str, Any]]]:
+) -> Iterator[_Item]:
     if source == KAFKA_LOG:
         from loopwise.export import ExportError, iter_kafka_messages
 
@@ -260,24 +261,40 @@ _NUMBER_TYPES: Final = (float, int)
 _EMPTY: Final[dict[str, Any]] = {}
 
 
-def _plainly_shaped(record: Mapping[str, Any]) -> bool:
-    """A cheap structural pre-check with exact types; False sends the record to check_record."""
+_Row = tuple[int, int, Any, Any, Any]
+"""``(number of actions, chosen, propensity, reward, pmf or None)`` of one record."""
+
+
+def _plain_row(record: Mapping[str, Any]) -> _Row | None:
+    """The record's numbers when its structure passes a cheap check with exact types, else None
+    (then :func:`check_record` decides). The numeric rules are checked in bulk afterwards."""
     actions = record.get("actions")
     if type(actions) is not list or not actions:
-        return False
+        return None
+    k = len(actions)
     chosen = record.get("chosen")
-    if type(chosen) is not int or not 0 <= chosen < len(actions):
-        return False
-    if type(record.get("propensity")) not in _NUMBER_TYPES:
-        return False
-    if type(record.get("reward")) not in _NUMBER_TYPES:
-        return False
+    if type(chosen) is not int or not 0 <= chosen < k:
+        return None
+    propensity = record.get("propensity")
+    reward = record.get("reward")
+    if type(propensity) not in _NUMBER_TYPES or type(reward) not in _NUMBER_TYPES:
+        return None
     pmf = record.get("pmf")
-    if pmf is not None and (type(pmf) is not list or len(pmf) != len(actions)):
-        return False
+    if pmf is not None and (type(pmf) is not list or len(pmf) != k):
+        return None
     if type(record.get("context", _EMPTY)) is not dict:
-        return False
-    return all(type(a) is dict and "id" in a for a in actions)
+        return None
+    for action in actions:
+        if type(action) is not dict or "id" not in action:
+            return None
+    return k, chosen, propensity, reward, pmf
+
+
+def _row(record: Mapping[str, Any]) -> _Row:
+    """The numbers of a record that passed :func:`check_record`."""
+    actions = record["actions"]
+    pmf = record.get("pmf")
+    return len(actions), record["chosen"], record["propensity"], record["reward"], pmf
 
 
 @dataclass
@@ -289,27 +306,30 @@ class _ChunkColumns:
     propensity: FloatArray
     reward: FloatArray
     logged_pmf: FloatArray  # NaN where the record has no pmf
+    pmfs: tuple[Any, ...]  # the records' pmf lists (None where absent), for the type check
 
     @classmethod
-    def of(cls, records: Sequence[Mapping[str, Any]]) -> _ChunkColumns:
-        n = len(records)
-        sizes = np.fromiter((len(r["actions"]) for r in records), np.int64, n)
-        pmfs = [r.get("pmf") for r in records]
+    def of(cls, rows: Sequence[_Row]) -> _ChunkColumns:
+        if not rows:
+            empty = np.zeros(0)
+            return cls(np.zeros(0, np.int64), np.zeros(0, np.int64), empty, empty, empty, ())
+        sizes, chosen, propensity, reward, pmfs = zip(*rows, strict=True)
         flat = list(
             chain.from_iterable(
-                p if p is not None else repeat(math.nan, int(k))
+                p if p is not None else repeat(math.nan, k)
                 for p, k in zip(pmfs, sizes, strict=True)
             )
         )
         return cls(
-            sizes=sizes,
-            chosen=np.fromiter((r["chosen"] for r in records), np.int64, n),
-            propensity=np.array([r["propensity"] for r in records], dtype=np.float64),
-            reward=np.array([r["reward"] for r in records], dtype=np.float64),
+            sizes=np.array(sizes, dtype=np.int64),
+            chosen=np.array(chosen, dtype=np.int64),
+            propensity=np.array(propensity, dtype=np.float64),
+            reward=np.array(reward, dtype=np.float64),
             logged_pmf=np.array(flat, dtype=np.float64),
+            pmfs=pmfs,
         )
 
-    def numbers_ok(self, records: Sequence[Mapping[str, Any]]) -> BoolArray:
+    def numbers_ok(self) -> BoolArray:
         """check_record's numeric rules, vectorized; False where a record may break one.
 
         Borderline pmf sums (within 1e-12 of the tolerance, where numpy's and ``math.fsum``'s
@@ -319,18 +339,15 @@ class _ChunkColumns:
             (self.propensity > 0.0) & (self.propensity <= 1.0) & np.isfinite(self.reward)
         )
         starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]]).astype(np.int64)
-        has_pmf = ~np.isnan(self.logged_pmf[starts]) if len(self.sizes) else ok
+        has_pmf = np.array([p is not None for p in self.pmfs], dtype=np.bool_)
         if not has_pmf.any():
             return ok
-        types = set(map(type, chain.from_iterable(r["pmf"] for r in records if "pmf" in r)))
-        if not types <= {float, int, type(None)}:
-            typed = np.array(
-                [
-                    r.get("pmf") is None or all(type(x) in _NUMBER_TYPES for x in r["pmf"])
-                    for r in records
-                ]
+        types = set(map(type, chain.from_iterable(p for p in self.pmfs if p is not None)))
+        if not types <= {float, int}:  # bools, strings, None inside a pmf: check_record says
+            ok &= np.array(
+                [p is None or all(type(x) in _NUMBER_TYPES for x in p) for p in self.pmfs],
+                dtype=np.bool_,
             )
-            ok &= typed
         flat = self.logged_pmf
         in_row = np.repeat(has_pmf, self.sizes)
         entry_ok = ~in_row | (np.isfinite(flat) & (flat >= 0.0))
@@ -343,41 +360,50 @@ class _ChunkColumns:
         return ok
 
 
+_Item = tuple[str | int, dict[str, Any]]
+"""A record and where it is: a line number of the ``label`` file, or a description."""
+
+
+def _where(label: str, locator: str | int) -> str:
+    return locator if isinstance(locator, str) else f"{label}:{locator}"
+
+
 def _validate(
-    items: Sequence[tuple[str, dict[str, Any]]], problems: _Problems | None
+    items: Sequence[_Item], problems: _Problems | None, label: str = ""
 ) -> tuple[list[dict[str, Any]], _ChunkColumns]:
     """The valid records of a chunk, in order, and their columns; the others are counted.
 
-    Valid means exactly :func:`check_record` returns None: a fast path checks types and numbers
-    in bulk, and every record it does not clear goes through :func:`check_record`, which
-    decides (and gives the reason).
+    Valid means exactly :func:`check_record` returns None: a fast path checks structure per
+    record and numbers in bulk, and every record it does not clear goes through
+    :func:`check_record`, which decides (and gives the reason).
     """
     records = [record for _, record in items]
-    shaped = [_plainly_shaped(r) for r in records]
-    plain = records if all(shaped) else [r for r, ok in zip(records, shaped, strict=True) if ok]
-    cleared = np.zeros(len(plain), dtype=np.bool_)
+    rows = [_plain_row(r) for r in records]
+    all_plain = None not in rows
+    plain: list[_Row] = rows if all_plain else [x for x in rows if x is not None]  # type: ignore[assignment]
+    cleared: list[bool] = [False] * len(plain)
     columns = None
-    if plain:
-        try:
-            columns = _ChunkColumns.of(plain)
-            cleared = columns.numbers_ok(plain)
-        except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
-            columns = None
-    if columns is not None and len(plain) == len(records) and bool(cleared.all()):
-        return records, columns
+    try:
+        columns = _ChunkColumns.of(plain)
+        verdicts = columns.numbers_ok()
+        if all_plain and bool(verdicts.all()):
+            return records, columns
+        cleared = verdicts.tolist()
+    except (OverflowError, TypeError, ValueError):  # e.g. an int too large for a float
+        columns = None
     kept: list[dict[str, Any]] = []
-    verdicts = iter(cleared.tolist())
-    for (where, record), is_shaped in zip(items, shaped, strict=True):
-        if is_shaped and next(verdicts) and columns is not None:
+    fast = iter(cleared)
+    for (locator, record), row in zip(items, rows, strict=True):
+        if row is not None and next(fast) and columns is not None:
             kept.append(record)
             continue
         bad = check_record(record)
         if bad is not None:
             if problems is not None:
-                problems.add(bad[0], where, bad[1])
+                problems.add(bad[0], _where(label, locator), bad[1])
             continue
         kept.append(record)
-    return kept, _ChunkColumns.of(kept)
+    return kept, _ChunkColumns.of([_row(r) for r in kept])
 
 
 def _chunks(
@@ -386,9 +412,9 @@ def _chunks(
     problems: _Problems | None,
     size: int,
     kafka_range: Mapping[str, Any] | None = None,
-) -> Iterator[list[tuple[str, dict[str, Any]]]]:
+) -> Iterator[list[_Item]]:
     """Records ``size`` at a time."""
-    batch: list[tuple[str, dict[str, Any]]] = []
+    batch: list[_Item] = []
     for item in _read_source(source, settings, problems, kafka_range):
         batch.append(item)
         if len(batch) >= size:
@@ -608,7 +634,7 @@ def _pass_one(
     n_valid = 0
     for source in logs:
         for items in _chunks(source, settings, problems, chunk_size, kafka_range):
-            records, chunk = _validate(items, problems)
+            records, chunk = _validate(items, problems, source)
             if not records:
                 continue
             columns.add(chunk)
@@ -646,9 +672,7 @@ def _pass_two(
     for source in logs:
         if source == KAFKA_LOG:
             assert spool_path is not None
-            chunks: Iterator[list[tuple[str, dict[str, Any]]]] = _chunks(
-                spool_path, settings, None, chunk_size
-            )
+            chunks: Iterator[list[_Item]] = _chunks(spool_path, settings, None, chunk_size)
         else:
             chunks = _chunks(source, settings, None, chunk_size)
         for items in chunks:

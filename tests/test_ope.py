@@ -363,7 +363,7 @@ def test_bulk_validation_keeps_exactly_what_check_record_accepts(plan: list[list
             del record["pmf"]
         records.append(record)
     problems = _Problems()
-    kept, columns = _validate([(f"line {i}", r) for i, r in enumerate(records)], problems)
+    kept, columns = _validate(list(enumerate(records)), problems, "log.jsonl")
     expected = [r for r in records if check_record(r) is None]
     assert [id(r) for r in kept] == [id(r) for r in expected]
     reasons: dict[str, int] = {}
