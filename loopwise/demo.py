@@ -7,8 +7,9 @@ loop: the simulator plays a serving layer, showing each user's
 ``nba:{user_id}`` and publishing their reactions, while the worker joins
 rewards, logs propensities and learns. It prints the experiment report (per
 arm, lift over the holdout, oracle and uniform references), writes the
-learning curve PNG, stops the worker with SIGTERM and prints what landed in
-Redis. Exit code 0 only if the counts reconcile: accepted + duplicates +
+learning curve PNG, stops the worker with SIGTERM, replays the propensity log
+from Kafka against candidate policies (off-policy estimates, HTML report) and
+prints what landed in Redis. Exit code 0 only if the counts reconcile: accepted + duplicates +
 dead-lettered = consumed.
 """
 
@@ -111,7 +112,10 @@ def run_demo(
         console.print(f"learning curve: {png}")
         _stop(worker)
         worker = None
-        console.rule("[bold]6. what landed in Redis")
+        console.rule("[bold]6. counterfactual replay of the propensity log (from Kafka)")
+        page = _replay(settings, out_dir / "replay")
+        console.print(f"replay report: {page}")
+        console.rule("[bold]7. what landed in Redis")
         summary = read_summary(settings, 3)
         print_summary(summary, console)
         if not summary["reconciled"]:
@@ -126,8 +130,35 @@ def run_demo(
         if worker is not None:
             _stop(worker)
         if not keep_infra and not was_up:
-            console.rule("[bold]7. stopping the local infrastructure (--keep-infra keeps it)")
+            console.rule("[bold]8. stopping the local infrastructure (--keep-infra keeps it)")
             local.down()
+
+
+REPLAY_TARGETS: tuple[str, ...] = (
+    "logged",
+    "uniform",
+    "vw:--cb_explore_adf --squarecb",
+    "vw:--cb_explore_adf --epsilon 0.05",
+)
+"""The demo's candidates: the logger itself (the sanity check), uniform random, and two VW
+explorers trained progressively on the log (squarecb, Loopwise's default, and epsilon-greedy)."""
+
+
+def _replay(settings: Settings, out: Path) -> Path:
+    """``loopwise replay kafka: --target ... --report out``: table, then the HTML page."""
+    from loopwise.replay import print_table, replay_details
+    from loopwise.replay_report import write_report
+
+    result, details = replay_details(
+        ["kafka:"],
+        list(REPLAY_TARGETS),
+        settings,
+        estimators=["ips", "snips", "dr"],
+        n_bootstrap=500,
+        console=console,
+    )
+    print_table(result, Console(width=max(console.width, 120)))
+    return write_report(result, details, out, logs=["kafka:"])
 
 
 def _wait_for(
