@@ -209,11 +209,36 @@ class BanditData:
         out = np.bincount(self.round_of, weights=flat, minlength=self.n)
         return out.astype(np.float64, copy=False)
 
+    def per_round_dot(self, a: FloatArray, b: FloatArray) -> FloatArray:
+        """``sum over a in A_i`` of ``a * b`` (flat columns), per round.
+
+        Without an ``a * b`` temporary of the log's size: when every round has the same number
+        of actions it is one ``einsum`` over the ``(n, K)`` views, else blocks of ~64k actions.
+        """
+        n = self.n
+        if n and int(self.offsets[-1]) == n * int(self.offsets[1]):
+            k = int(self.offsets[1])
+            if np.array_equal(self.offsets, np.arange(0, n * k + 1, k)):
+                out: FloatArray = np.einsum("ij,ij->i", a.reshape(n, k), b.reshape(n, k))
+                return out
+        result = np.empty(n, dtype=np.float64)
+        block = 1 << 16
+        start_round = 0
+        while start_round < n:
+            lo = int(self.offsets[start_round])
+            end_round = int(np.searchsorted(self.offsets, lo + block, side="right")) - 1
+            end_round = min(n, max(end_round, start_round + 1))
+            hi = int(self.offsets[end_round])
+            starts = self.offsets[start_round:end_round] - lo
+            result[start_round:end_round] = np.add.reduceat(a[lo:hi] * b[lo:hi], starts)
+            start_round = end_round
+        return result
+
     def direct_method_terms(self) -> FloatArray:
         """``sum_a pi(a|x_i) q(x_i, a)`` per round (needs ``q_hat``)."""
         if self.q_hat is None:
             raise ValueError("this estimator needs reward-model predictions (q_hat)")
-        return self.per_round_sum(self.target_pmf * self.q_hat)
+        return self.per_round_dot(self.target_pmf, self.q_hat)
 
     def residual(self) -> FloatArray:
         """``r_i - q(x_i, a_i)`` (needs ``q_hat``)."""

@@ -4,6 +4,7 @@ the simulator's ground truth, and bad inputs (pure unit tests: no Kafka, no Redi
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -401,3 +402,20 @@ def test_shared_bootstrap_equals_one_job_at_a_time() -> None:
     running = SNIPS().running_estimate(data)
     assert running[-1] == pytest.approx(SNIPS().estimate_policy_value(data), rel=1e-12)
     assert running[0] == pytest.approx(r[0])
+
+
+def test_per_round_dot_on_ragged_and_equal_rounds() -> None:
+    rng = np.random.default_rng(3)
+    for sizes in (rng.integers(1, 15, 20_000), np.full(20_000, 7)):
+        offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        n, m = len(sizes), int(offsets[-1])
+        a, b = rng.random(m), rng.random(m)
+        data = BanditData(
+            reward=np.zeros(n),
+            propensity=np.ones(n),
+            target_prob=np.ones(n),
+            offsets=offsets,
+            target_pmf=a,
+        )
+        expected = [float(a[s:e] @ b[s:e]) for s, e in pairwise(offsets)]
+        assert np.allclose(data.per_round_dot(a, b), expected, rtol=1e-12, atol=0)
