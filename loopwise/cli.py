@@ -397,7 +397,13 @@ def export(
     multiple=True,
     help="ips, clipped_ips, snips, dm, dr, sndr, switch_dr (default: all). Repeatable.",
 )
-@click.option("--bootstrap", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option(
+    "--bootstrap",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Bootstrap replicates of the intervals (one draw shared by every candidate).",
+)
 @click.option(
     "--alpha",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
@@ -458,9 +464,15 @@ def replay(
 ) -> None:
     """Estimate how candidate policies would have done, from the propensity log alone.
 
-    LOGS are exported files (.jsonl / .parquet from `loopwise export`) or `kafka:`
-    for the topic. Records with a missing or invalid propensity are counted
-    under `excluded`, never used.
+    LOGS are exported files (.jsonl / .parquet from `loopwise export`) or
+    `kafka:` for the topic (a range with --from/--to or the offsets). Unreadable
+    lines and invalid records (a missing or invalid propensity, one that is not
+    pmf[chosen], ...) are counted under `excluded`, never used.
+
+    \b
+    Example:
+      loopwise replay log.parquet --target logged --target uniform \\
+        --target 'vw:--cb_explore_adf --squarecb' --report replay-report/
     """
     from loopwise.export import parse_time
     from loopwise.replay import DEFAULT_ESTIMATORS, print_table, replay_details
