@@ -284,25 +284,51 @@ class _PolicyTarget(_Target):
         self.progressive = progressive
 
     def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        p = np.asarray(
-            self.policy.pmf(record_shared(record), record_actions(record)), dtype=np.float64
-        )
+        return self._pmf(record_shared(record), record_actions(record))
+
+    def _pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray | None:
+        p = np.asarray(self.policy.pmf(shared, list(actions)), dtype=np.float64)
         total = float(p.sum())
-        if p.shape != (len(record["actions"]),) or not (total > 0 and math.isfinite(total)):
+        if p.shape != (len(actions),) or not (total > 0 and math.isfinite(total)):
             self._exclude("policy_pmf_invalid")
             return None
         out: FloatArray = p / total
+        if not _valid_pmf(out, len(actions)):  # a negative entry
+            self._exclude("policy_pmf_invalid")
+            return None
         return out
 
     def update(self, record: Mapping[str, Any]) -> None:
         if self.progressive:
-            self.policy.learn(
-                record_shared(record),
-                record_actions(record),
-                int(record["chosen"]),
-                float(record["propensity"]),
-                float(record["reward"]),
-            )
+            self._learn(record, record_shared(record), record_actions(record))
+
+    def _learn(
+        self, record: Mapping[str, Any], shared: Mapping[str, Any], actions: Sequence[Action]
+    ) -> None:
+        self.policy.learn(
+            shared,
+            list(actions),
+            int(record["chosen"]),
+            float(record["propensity"]),
+            float(record["reward"]),
+        )
+
+    def score(
+        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+    ) -> tuple[FloatArray, BoolArray]:
+        """Record by record: score, then (progressive) learn; the features are built once."""
+        parts: list[FloatArray] = []
+        scored = np.ones(len(records), dtype=np.bool_)
+        for i, record in enumerate(records):
+            shared, actions = record_shared(record), record_actions(record)
+            pmf = self._pmf(shared, actions)
+            if pmf is None:
+                scored[i] = False
+                pmf = np.zeros(int(sizes[i]))
+            parts.append(pmf)
+            if self.progressive:
+                self._learn(record, shared, actions)
+        return (np.concatenate(parts) if parts else np.zeros(0)), scored
 
 
 class SnapshotTarget(_PolicyTarget):

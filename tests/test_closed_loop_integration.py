@@ -13,11 +13,11 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
 import orjson
 import pytest
 import redis
+from worker_helpers import stats, wait_until
 
 from config import Settings
 from loopwise.export import export_log, read_log
@@ -32,17 +32,6 @@ pytestmark = pytest.mark.integration
 
 def start_worker(s: Settings) -> subprocess.Popen[bytes]:
     return spawn_worker(s, log_level="warning")
-
-
-def stats(r: redis.Redis, s: Settings) -> Counter[str]:
-    return Counter({k.decode(): int(v) for k, v in r.hgetall(s.key("stats")).items()})
-
-
-def wait_until(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.25)
 
 
 def outbox_empty(r: redis.Redis, s: Settings) -> bool:

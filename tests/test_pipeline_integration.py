@@ -12,7 +12,6 @@ from __future__ import annotations
 import random
 import subprocess
 import time
-from collections import Counter
 from decimal import Decimal
 from typing import Any
 
@@ -20,6 +19,7 @@ import orjson
 import pytest
 import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from worker_helpers import stats, wait_until
 
 from config import Settings
 from producers.simulator import MarketConfig, Marketplace
@@ -158,20 +158,6 @@ def build_traffic(s: Settings, seed: int = 11) -> dict[str, Any]:
 
 def start_worker(s: Settings) -> subprocess.Popen[bytes]:
     return spawn_worker(s)
-
-
-def wait_until(predicate: Any, timeout: float, what: str, worker: subprocess.Popen[bytes]) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert worker.poll() is None, (
-            f"worker exited with {worker.returncode} while waiting for {what}"
-        )
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
-
-
-def stats(r: redis.Redis, s: Settings) -> Counter[str]:
-    return Counter({k.decode(): int(v) for k, v in r.hgetall(s.key("stats")).items()})
 
 
 def test_pipeline_reflects_every_good_event_and_deadletters_every_bad_one(
