@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -50,6 +50,9 @@ format: install
 
 bench: install  ## end-to-end throughput: worker vs raw consumption ceiling
 	$(BIN)/python -m bench.bench_worker
+
+bench-ope: install  ## replay throughput on a 1M-record log vs a per-record Python loop (~12 min)
+	$(BIN)/python -m bench.bench_ope
 
 clean:
 	rm -rf $(VENV) state .pytest_cache .mypy_cache .ruff_cache

@@ -289,13 +289,16 @@ def stats(ctx: click.Context, as_json: bool, sample: int) -> None:
 
 
 @main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["worker", "freshness"]))
+@click.argument("name", type=click.Choice(["worker", "freshness", "ope", "policies"]))
 @click.pass_context
 def bench(ctx: click.Context, name: str) -> None:
-    """Run a benchmark of bench/ (its own Kafka + Redis on free ports); extra args go to it.
+    """Run a benchmark of bench/; extra args go to it.
 
     worker: events/s through the worker vs the raw-consumption ceiling.
     freshness: click -> nba:{user} latency under load vs Kafka delivery.
+    (Both start their own Kafka + Redis on free ports.)
+    ope: replay records/s (1M-record log) vs a per-record Python loop.
+    policies: offline learning of the policies on the simulator.
     Try `loopwise bench worker --help`.
     """
     import runpy

@@ -1,9 +1,11 @@
-"""What landed in Redis: the worker's counters, the catalog size and a few user hashes."""
+"""What landed in Redis: the worker's counters, the catalog size, the reward monitor of each
+arm and a few user hashes."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import redis
 from rich.console import Console
 from rich.table import Table
@@ -33,9 +35,11 @@ def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000)
         reconciled = stats.get("consumed", 0) == (
             stats.get("accepted", 0) + stats.get("duplicates", 0) + stats.get("deadlettered", 0)
         )
+        monitor_raw = client.hget(settings.key("model"), "reward_monitor")
         return {
             "stats": stats,
             "reconciled": reconciled,
+            "reward_monitor": orjson.loads(monitor_raw) if monitor_raw else {},
             "users": n_users,
             "catalog_items": int(client.hlen(settings.key("catalog"))),
             "sample_users": hashes,
@@ -60,6 +64,21 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     console.print(
         f"users with state: {summary['users']:,}   catalog items: {summary['catalog_items']:,}"
     )
+    monitors = summary.get("reward_monitor") or {}
+    if monitors:
+        watch = Table(title="Reward rate per arm (learner's ADWIN monitor, since worker start)")
+        for column in ("arm", "records", "mean", "recent mean", "window", "drifts"):
+            watch.add_column(column, justify="left" if column == "arm" else "right")
+        for arm, m in monitors.items():
+            watch.add_row(
+                arm,
+                f"{m['n']:,}",
+                f"{m['mean']:.4f}",
+                f"{m['recent_mean']:.4f}",
+                f"{m['window']:,}",
+                str(m["drifts"]),
+            )
+        console.print(watch)
     for key, fields in summary["sample_users"].items():
         shown = {k: v for k, v in fields.items() if not k.startswith("aff:")}
         affinities = {k[4:]: round(float(v), 2) for k, v in fields.items() if k.startswith("aff:")}

@@ -9,6 +9,12 @@ log offset to learn per partition) every ``snapshot_interval_s``; log offsets
 are acked to Kafka only once a snapshot containing them is saved. After a
 restart the policies are restored from the snapshot and records below its
 offsets are skipped: nothing is learned twice, nothing is skipped.
+
+The learner also watches each arm's reward rate with an ADWIN drift monitor
+(:class:`learners.river_models.RewardMonitor`): a change is logged as a warning
+and every snapshot writes ``reward_monitor`` (JSON, per arm: records seen since
+the worker started, mean, the mean over ADWIN's current window, its width, the
+drifts detected) beside the models, for ``loopwise stats``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ import redis.asyncio as aioredis
 
 from config import Settings
 from learners.policy import Action, Policy, restore
+from learners.river_models import RewardMonitor
 
 log = logging.getLogger("loopwise.learner")
 
@@ -69,6 +76,7 @@ class Learner:
         self.skipped = 0
         self._snapshot_at = time.monotonic()
         self._popularity_scale = 1.0
+        self.monitors: dict[str, RewardMonitor] = {}
 
     @property
     def key(self) -> str:
@@ -117,6 +125,7 @@ class Learner:
                 if arm != holdout or example.get("arm") == holdout:
                     policy.learn(shared, actions, chosen, propensity, reward)
             self._count_popularity(actions[chosen].id, reward)
+            self._watch(str(example.get("arm") or "unknown"), reward)
             learned += 1
         self.learned += learned
         return learned
@@ -133,6 +142,26 @@ class Learner:
             gain = reward / self._popularity_scale
             self.popularity[item_id] = self.popularity.get(item_id, 0.0) + gain
 
+    def _watch(self, arm: str, reward: float) -> None:
+        monitor = self.monitors.get(arm)
+        if monitor is None:
+            monitor = self.monitors[arm] = RewardMonitor()
+        if monitor.update(reward):
+            summary = monitor.summary()
+            log.warning(
+                "reward rate of arm %r changed (ADWIN, record %d of this worker): "
+                "now %.4f over the last %d records, %.4f overall",
+                arm,
+                summary["n"],
+                summary["recent_mean"],
+                summary["window"],
+                summary["mean"],
+            )
+
+    def monitor_summary(self) -> dict[str, dict[str, Any]]:
+        """Per arm: :meth:`learners.river_models.RewardMonitor.summary`."""
+        return {arm: monitor.summary() for arm, monitor in sorted(self.monitors.items())}
+
     def snapshot_due(self) -> bool:
         return time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
 
@@ -141,6 +170,7 @@ class Learner:
         mapping: dict[str, Any] = {arm: p.snapshot() for arm, p in self.policies.items()}
         mapping["offsets"] = orjson.dumps({str(p): o for p, o in self.offsets.items()})
         mapping["saved_at_ms"] = int(time.time() * 1000)
+        mapping["reward_monitor"] = orjson.dumps(self.monitor_summary())
         await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
         self._snapshot_at = time.monotonic()
 

@@ -85,6 +85,10 @@ def test_closed_loop_learns_close_to_the_oracle(
         for rec in records:
             assert rec["propensity"] == rec["pmf"][rec["chosen"]]
             assert rec["arm"] in s.arms
+        # The learner's reward-rate monitor, saved with its snapshots: every arm watched.
+        monitor = orjson.loads(r.hget(s.key("model"), "reward_monitor") or b"{}")
+        assert set(monitor) == set(s.arms), monitor
+        assert 0 < sum(m["n"] for m in monitor.values()) <= len(records)
     finally:
         if worker.poll() is None:
             worker.kill()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -423,3 +424,34 @@ def test_popularity_holdout_beats_uniform_in_the_simulated_market() -> None:
     got, _, uniform = closed_loop(PopularityPolicy(), market, rounds=8_000, seed=1)
     last = slice(4_000, None)
     assert got[last].sum() / uniform[last].sum() >= 1.5  # measured 2.06
+
+
+def test_learner_watches_each_arms_reward_rate_and_flags_a_change() -> None:
+    """The learner's ADWIN monitor: one per arm, a drift when the vw arm's rate drops."""
+    from config import load_settings
+    from streams.learner import Learner
+
+    s = load_settings(arms={"popularity": 1.0}, holdout_arm="popularity")
+    learner = Learner(s, client=None, policies={"popularity": PopularityPolicy()})  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(6_000):
+        arm = "vw" if i % 10 else "popularity"
+        rate = 0.3 if (arm == "popularity" or i < 3_000) else 0.05
+        record = {
+            "arm": arm,
+            "context": {"device": "mobile", "hour": 9},
+            "actions": [{"id": "a", "features": {}}, {"id": "b", "features": {}}],
+            "chosen": int(i % 2),
+            "propensity": 0.5,
+            "reward": float(rng.random() < rate),
+        }
+        records.append((0, i, orjson.dumps(record)))
+    assert learner.learn(records) == 6_000
+    summary = learner.monitor_summary()
+    assert set(summary) == {"popularity", "vw"}
+    assert summary["vw"]["n"] == 5_400 and summary["popularity"]["n"] == 600
+    assert summary["vw"]["drifts"] >= 1
+    assert summary["vw"]["recent_mean"] < 0.1 < summary["vw"]["mean"]
+    assert summary["popularity"]["drifts"] == 0
+    assert orjson.loads(orjson.dumps(summary)) == summary
