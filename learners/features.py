@@ -215,16 +215,23 @@ def vw_adf_lines(
     """
     user, context = shared_features(shared)
     lines = [vw_shared_line(user, context)]
-    has_affinity = any(name.startswith(AFFINITY_PREFIX) for name in user)
-    for index, action in enumerate(actions):
-        line = render(action)
-        if has_affinity:
-            aff = user_affinity_for(user, action.features.get("category"))
-            if aff:
-                line = f"{line} |B user_aff:{aff:.6g}"
-        if label is not None and label[0] == index:
-            line = f"0:{label[1]:.6g}:{label[2]:.6g} {line}"
-        lines.append(line)
+    # The |B part depends only on the action's category: rendered once per category.
+    suffix_of: dict[Any, str] = {}
+    if any(name.startswith(AFFINITY_PREFIX) for name in user):
+        for action in actions:
+            category = action.features.get("category")
+            if category not in suffix_of:
+                aff = user_affinity_for(user, category)
+                suffix_of[category] = f" |B user_aff:{aff:.6g}" if aff else ""
+    if suffix_of:
+        lines.extend(
+            render(action) + suffix_of[action.features.get("category")] for action in actions
+        )
+    else:
+        lines.extend(map(render, actions))
+    if label is not None:
+        index = label[0] + 1
+        lines[index] = f"0:{label[1]:.6g}:{label[2]:.6g} {lines[index]}"
     return lines
 
 

@@ -154,6 +154,25 @@ def test_vw_learn_many_equals_learning_one_by_one() -> None:
     assert many.version == 100
 
 
+def test_vw_native_binding_path_equals_the_pyvw_path() -> None:
+    """The adapter's direct pylibvw calls learn and predict exactly as pyvw's wrappers do."""
+    from learners import vw_policy
+
+    assert vw_policy._HAS_NATIVE  # the fast path is the one in use with our pinned VW
+    rng = np.random.default_rng(8)
+    native, wrapped = VWPolicy(), VWPolicy()
+    wrapped._native = False
+    for _ in range(300):
+        shared = shared_for(rng)
+        p_native, p_wrapped = native.pmf(shared, ACTIONS), wrapped.pmf(shared, ACTIONS)
+        assert np.array_equal(p_native, p_wrapped)
+        chosen = sample(p_native, rng)
+        reward = reward_of(shared, ACTIONS[chosen], rng)
+        for policy in (native, wrapped):
+            policy.learn(shared, ACTIONS, chosen, float(p_native[chosen]), reward)
+    assert not np.allclose(native.pmf(shared, ACTIONS), 1 / len(ACTIONS))  # it learned
+
+
 def test_vw_args_name_the_exploration_and_refuse_unknown_ones() -> None:
     assert "--squarecb" in vw_args()
     assert "--epsilon 0.05" in vw_args("epsilon")
