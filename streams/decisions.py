@@ -103,7 +103,8 @@ class DecisionMaker:
             computed_at=now_ms,
             context=dict(context),
             user_features=features,
-            actions=[{"id": a.id, "features": dict(a.features)} for a in candidates],
+            # The catalog builds new feature dicts on every change (never edits them): shared.
+            actions=[{"id": a.id, "features": a.features} for a in candidates],
             pmf=[float(p) for p in pmf],
             chosen=chosen,
         )

@@ -21,7 +21,7 @@ Redis with each batch and reloads them after a restart.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -68,7 +68,9 @@ class Decision:
         return str(self.actions[self.chosen]["id"])
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        # orjson serializes dataclasses natively, fields in order: the bytes asdict() would
+        # give, without its deep copy (which was a third of the worker's time per decision).
+        return orjson.dumps(self)
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> Decision:
@@ -89,7 +91,7 @@ class OpenDecision:
     revenue: float = 0.0
 
     def to_json(self) -> bytes:
-        return orjson.dumps(asdict(self))
+        return orjson.dumps(self)  # the nested Decision too
 
     @classmethod
     def from_json(cls, raw: bytes | str) -> OpenDecision:

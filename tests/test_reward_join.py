@@ -106,3 +106,17 @@ def test_open_decisions_survive_a_round_trip_through_json() -> None:
     assert c.counts == {"joined_rewards": 1}
     (closed,) = run(restored, [ev("view", 5000, item="x")], {}).closed
     assert closed.clicks == 2 and restored.record(closed)["reward"] == 1.0
+
+
+def test_json_of_decisions_is_the_dataclass_fields_in_order() -> None:
+    """to_json (orjson's native dataclass support) writes exactly what asdict() holds."""
+    from dataclasses import asdict
+
+    import orjson
+
+    d = decision()
+    assert d.to_json() == orjson.dumps(asdict(d))
+    assert Decision.from_json(d.to_json()) == d
+    opened = OpenDecision(d, shown_at=5, opened_wall_ms=6, context={"device": "web"}, clicks=2)
+    assert opened.to_json() == orjson.dumps(asdict(opened))
+    assert OpenDecision.from_json(opened.to_json()) == opened
