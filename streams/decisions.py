@@ -10,6 +10,7 @@ evaluation stays possible), samples ``chosen`` from it and stamps a fresh
 
 from __future__ import annotations
 
+import heapq
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -59,6 +60,19 @@ class DecisionMaker:
         self.default_arm = default_arm
         self.rng = rng or np.random.default_rng()
         self.popularity: dict[str, float] = {}  # item_id -> decayed reward count (pre-filter)
+        self._records: dict[str, tuple[Action, dict[str, Any]]] = {}
+
+    def _action_record(self, action: Action) -> dict[str, Any]:
+        """``{"id", "features"}`` of an action for the decision record, built once per catalog
+        version of the item (the catalog makes new Action objects on change, never edits)."""
+        hit = self._records.get(action.id)
+        if hit is not None and hit[0] is action:
+            return hit[1]
+        record = {"id": action.id, "features": action.features}
+        if len(self._records) > 1_000_000:
+            self._records.clear()
+        self._records[action.id] = (action, record)
+        return record
 
     def policy_version(self, arm: str) -> str:
         policy = self.policies[arm]
@@ -70,13 +84,17 @@ class DecisionMaker:
             return list(actions)
 
         top = max(self.popularity.values(), default=0.0) or 1.0
+        popularity = self.popularity
+        affinity = {  # the user's affinity share per category, looked up once per decision
+            name[4:]: float(value) for name, value in features.items() if name.startswith("aff:")
+        }
 
         def score(action: Action) -> float:  # both terms in [0, 1]: scale-free popularity
-            affinity = float(features.get("aff:" + str(action.features.get("category")), 0.0))
-            return self.popularity.get(action.id, 0.0) / top + affinity
+            share = affinity.get(str(action.features.get("category")), 0.0) if affinity else 0.0
+            return popularity.get(action.id, 0.0) / top + share
 
-        ranked = sorted(actions, key=score, reverse=True)
-        return ranked[: self.max_candidates]
+        # The same order as a stable sort by descending score, top max_candidates only.
+        return heapq.nlargest(self.max_candidates, actions, key=score)
 
     def decide(
         self,
@@ -103,8 +121,7 @@ class DecisionMaker:
             computed_at=now_ms,
             context=dict(context),
             user_features=features,
-            # The catalog builds new feature dicts on every change (never edits them): shared.
-            actions=[{"id": a.id, "features": a.features} for a in candidates],
+            actions=[self._action_record(a) for a in candidates],
             pmf=[float(p) for p in pmf],
             chosen=chosen,
         )
