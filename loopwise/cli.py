@@ -294,11 +294,13 @@ def stats(ctx: click.Context, as_json: bool, sample: int) -> None:
 def bench(ctx: click.Context, name: str) -> None:
     """Run a benchmark of bench/; extra args go to it.
 
-    worker: events/s through the worker vs the raw-consumption ceiling.
-    freshness: click -> nba:{user} latency under load vs Kafka delivery.
-    (Both start their own Kafka + Redis on free ports.)
-    ope: replay records/s (1M-record log) vs a per-record Python loop.
-    policies: offline learning of the policies on the simulator.
+    \b
+    worker     events/s through the worker vs the raw-consumption ceiling
+    freshness  click -> nba:{user} latency under load vs Kafka delivery
+               (both start their own Kafka + Redis on free ports)
+    ope        replay records/s on a 1M-record log vs a per-record loop
+    policies   offline learning of the policies on the simulator
+
     Try `loopwise bench worker --help`.
     """
     import runpy
