@@ -35,13 +35,13 @@ from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
-from config import Settings, load_settings
+from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
-from producers.sdk import EventPublisher
-from producers.simulator import MarketConfig, Marketplace
-from producers.traffic import RateLimiter
-from streams.topics import ensure_topics
-from streams.worker import spawn_worker, stop_worker
+from loopwise.producers.sdk import EventPublisher
+from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.producers.traffic import RateLimiter
+from loopwise.streams.topics import ensure_topics
+from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"

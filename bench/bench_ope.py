@@ -14,10 +14,10 @@ logger, click rewards), generated into a temporary JSONL file:
 * ``dr``: the same plus the cross-fitted VW reward model and DM/DR over ``--dr-records``
   (default 1,000,000; the reward model costs ~0.3 ms a record in VW's text parser, so this row
   takes minutes), versus a loop that trains the same
-  :class:`~learners.ope.CrossFitRewardModel` (same seed, same order) and sums DR terms;
+  :class:`~loopwise.learners.ope.CrossFitRewardModel` (same seed, same order) and sums DR terms;
 * ``vw progressive``: a ``vw:--cb_explore_adf --squarecb`` candidate scored then trained record
   by record over ``--vw-records`` (default 20,000), versus a loop doing the same with
-  :class:`~learners.vw_policy.VWPolicy` directly.
+  :class:`~loopwise.learners.vw_policy.VWPolicy` directly.
 
 Each pair must agree (relative 1e-9) or the bench fails. Writes ``bench/results/ope.json``.
 
@@ -40,9 +40,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from learners.ope import CrossFitRewardModel
-from learners.targets import record_actions, record_shared
-from learners.vw_policy import VWPolicy
+from loopwise.learners.ope import CrossFitRewardModel
+from loopwise.learners.targets import record_actions, record_shared
+from loopwise.learners.vw_policy import VWPolicy
 from loopwise.replay import check_record, replay
 
 RESULTS = Path(__file__).parent / "results" / "ope.json"
@@ -188,8 +188,9 @@ def loop_vw(path: Path, limit: int, seed: int) -> dict[str, float]:
 
 def estimator_math(n: int, seed: int) -> dict[str, Any]:
     """IPS, SNIPS and DR point estimates over ``n`` in-memory rounds of 10 actions: the numpy
-    estimators of :mod:`learners.ope` against a per-round Python loop over the same values."""
-    from learners.ope import DR, IPS, SNIPS, BanditData
+    estimators of :mod:`loopwise.learners.ope` against a per-round Python loop over the same
+    values."""
+    from loopwise.learners.ope import DR, IPS, SNIPS, BanditData
 
     rng = np.random.default_rng(seed)
     k = N_ACTIONS

@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from learners.linucb import LinUCBPolicy
-from learners.policy import Action, Policy, apply_floor, sample
-from learners.popularity import PopularityPolicy
-from learners.vw_policy import VWPolicy, vw_args
-from producers.simulator import MarketConfig, Marketplace
+from loopwise.learners.linucb import LinUCBPolicy
+from loopwise.learners.policy import Action, Policy, apply_floor, sample
+from loopwise.learners.popularity import PopularityPolicy
+from loopwise.learners.vw_policy import VWPolicy, vw_args
+from loopwise.producers.simulator import MarketConfig, Marketplace
 
 CANDIDATES: dict[str, Callable[[], Policy]] = {
     "vw squarecb (default)": VWPolicy,
@@ -105,7 +105,7 @@ def vw_input_latency(n_actions: int = 40, calls: int = 500) -> tuple[float, floa
     """Microseconds to feed one decision to VW: (text lines parsed by VW, dict-built Examples)."""
     from vowpalwabbit import Workspace
 
-    from learners.features import action_features, shared_features, vw_adf_lines
+    from loopwise.learners.features import action_features, shared_features, vw_adf_lines
 
     vw = Workspace(vw_args())
     actions = [Action(f"item-{j}", {"category": f"cat-{j % 6}"}) for j in range(n_actions)]

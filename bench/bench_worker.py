@@ -38,13 +38,13 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from config import Settings, load_settings
+from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
-from producers.simulator import MarketConfig, Marketplace
-from streams.pipeline import Message, UserStatePipeline
-from streams.redis_store import RedisStore
-from streams.topics import ensure_topics
-from streams.worker import spawn_worker, stop_worker
+from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.streams.pipeline import Message, UserStatePipeline
+from loopwise.streams.redis_store import RedisStore
+from loopwise.streams.topics import ensure_topics
+from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"

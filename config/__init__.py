@@ -1,5 +1,5 @@
 """Typed settings shared by every Loopwise command."""
 
-from config.settings import ConfigError, Settings, load_settings
+from loopwise.config.settings import ConfigError, Settings, load_settings
 
 __all__ = ["ConfigError", "Settings", "load_settings"]

@@ -45,7 +45,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from learners.policy import Action
+from loopwise.learners.policy import Action
 
 __all__ = [
     "AFFINITY_PREFIX",

@@ -13,7 +13,7 @@ Contextual-Bandit Approach to Personalized News Article Recommendation", WWW)::
 and the pmf puts ``1 - epsilon`` on the arg-max (split evenly on ties) and
 ``epsilon / K`` on every action, so every propensity is >= ``epsilon / K``.
 
-``x`` is the shared (user + context) featurization of :mod:`learners.features`,
+``x`` is the shared (user + context) featurization of :mod:`loopwise.learners.features`,
 hashed into ``dim`` buckets plus a bias (river's model cost is quadratic in the
 number of features, so the hashing keeps one update at O(dim^2)). Item features
 are constant per arm, so the disjoint model does not need them: each arm's bias
@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from river import linear_model
 
-from learners.features import FeatureHasher, shared_features
-from learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.features import FeatureHasher, shared_features
+from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
 __all__ = ["LinUCBPolicy"]
 

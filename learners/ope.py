@@ -18,7 +18,8 @@ Every estimator is a small dataclass answering the same three calls (OBP style):
 ``offsets`` (round ``i`` owns ``flat[offsets[i]:offsets[i + 1]]``).
 
 :class:`CrossFitRewardModel` is the reward model of DM/DR/SNDR/Switch-DR: Vowpal Wabbit
-regressions over the shared (user, context) and action features of :mod:`learners.features`,
+regressions over the shared (user, context) and action features of
+:mod:`loopwise.learners.features`,
 trained with K-fold cross-fitting so that ``q(x_i, .)`` never comes from a model that saw round
 ``i`` (Chernozhukov et al. 2018, "Double/debiased machine learning").
 
@@ -43,8 +44,8 @@ import numpy as np
 import numpy.typing as npt
 from vowpalwabbit import Workspace
 
-from learners.features import ActionLineCache, vw_adf_lines
-from learners.policy import Action, FloatArray
+from loopwise.learners.features import ActionLineCache, vw_adf_lines
+from loopwise.learners.policy import Action, FloatArray
 
 __all__ = [
     "DM",
@@ -589,7 +590,8 @@ class CrossFitRewardModel:
 
     Each model is a plain VW squared-loss regression of the logged action's reward on one line
     per (round, action): the shared ``U`` (user) and ``C`` (context) namespaces and the action's
-    ``A``/``B`` namespaces of :func:`learners.features.vw_adf_lines`, with the ``UA``, ``CA`` and
+    ``A``/``B`` namespaces of
+    :func:`loopwise.learners.features.vw_adf_lines`, with the ``UA``, ``CA`` and
     ``UB`` interactions. The learning rate 0.02 was chosen on the simulator (100 users x 10
     items, 1,250 training rounds, click rewards): held-out MSE against the true click
     probabilities 0.0049 versus 0.0061 for the constant mean and 0.016 with VW's default 0.5,

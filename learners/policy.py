@@ -52,9 +52,9 @@ MAGIC: Final = b"LOOPWISE-POLICY/1\n"
 
 # kind -> (module, class); the class must define `_from_snapshot(header, payload)`.
 _REGISTRY: Final[dict[str, tuple[str, str]]] = {
-    "vw": ("learners.vw_policy", "VWPolicy"),
-    "linucb": ("learners.linucb", "LinUCBPolicy"),
-    "popularity": ("learners.popularity", "PopularityPolicy"),
+    "vw": ("loopwise.learners.vw_policy", "VWPolicy"),
+    "linucb": ("loopwise.learners.linucb", "LinUCBPolicy"),
+    "popularity": ("loopwise.learners.popularity", "PopularityPolicy"),
 }
 
 

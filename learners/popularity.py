@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
 __all__ = ["PopularityPolicy"]
 

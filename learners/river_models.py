@@ -2,7 +2,7 @@
 
 * :class:`ItemPopularity` -- item popularity with exponential decay in event time;
 * :class:`ClickModel` -- P(click | user, context, item): river's online
-  ``LogisticRegression`` over the shared featurization of :mod:`learners.features`;
+  ``LogisticRegression`` over the shared featurization of :mod:`loopwise.learners.features`;
 * :class:`RewardMonitor` -- the reward rate and drift alarms from river's ``ADWIN``.
 """
 
@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 from river import drift, linear_model, optim
 
-from learners.features import Features, action_features, shared_features, user_affinity_for
-from learners.policy import Action, FloatArray
+from loopwise.learners.features import Features, action_features, shared_features, user_affinity_for
+from loopwise.learners.policy import Action, FloatArray
 
 __all__ = ["ClickModel", "ItemPopularity", "RewardMonitor"]
 
@@ -74,7 +74,7 @@ class ItemPopularity:
 class ClickModel:
     """P(click | shared, item) by online logistic regression (river).
 
-    Features: the user, context and item features of :mod:`learners.features`,
+    Features: the user, context and item features of :mod:`loopwise.learners.features`,
     plus the crosses that carry personal and situational taste in a linear
     model: every context feature x the item's category (``ctx x category``),
     and ``user_aff`` (the user's affinity share for the item's category)::

@@ -17,12 +17,13 @@ Names (as on the command line, see :func:`make_target`):
   average reward exactly, a sanity check of the log);
 * ``pmf:FILE`` -- a per-decision pmf file, JSON lines ``{"decision_id", "pmf"}`` aligned with the
   record's actions (the whole file is held in memory as a dict);
-* ``snapshot:FILE`` -- a saved Loopwise policy (:func:`learners.policy.restore`), frozen;
-* ``vw:ARGS`` -- a :class:`~learners.vw_policy.VWPolicy` with those VW arguments (they must
+* ``snapshot:FILE`` -- a saved Loopwise policy (:func:`loopwise.learners.policy.restore`), frozen;
+* ``vw:ARGS`` -- a :class:`~loopwise.learners.vw_policy.VWPolicy` with those VW arguments (they must
   contain ``--cb_explore_adf``), trained **progressively** on the log: each record is scored
   before the policy learns from it (logged action, propensity and reward), so the estimate is
   that of the learning policy run on this traffic (counterfactual learning);
-* ``linucb`` (or ``linucb:alpha=0.3,epsilon=0.05``) -- :class:`~learners.linucb.LinUCBPolicy`
+* ``linucb`` (or ``linucb:alpha=0.3,epsilon=0.05``) --
+  :class:`~loopwise.learners.linucb.LinUCBPolicy`
   on river, progressive too.
 
 The shared features a policy sees are ``{"user": record["user_features"] or {"user_id": ...},
@@ -40,7 +41,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
-from learners.policy import Action, FloatArray, Policy, SnapshotError, restore
+from loopwise.learners.policy import Action, FloatArray, Policy, SnapshotError, restore
 
 BoolArray = npt.NDArray[np.bool_]
 IntArray = npt.NDArray[np.int64]
@@ -73,7 +74,7 @@ def record_shared(record: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def record_actions(record: Mapping[str, Any]) -> list[Action]:
-    """The record's candidate actions as :class:`~learners.policy.Action` objects."""
+    """The record's candidate actions as :class:`~loopwise.learners.policy.Action` objects."""
     return [Action(str(a["id"]), a.get("features") or {}) for a in record["actions"]]
 
 
@@ -275,7 +276,8 @@ def _load_pmf_file(path: Path) -> dict[str, FloatArray]:
 
 
 class _PolicyTarget(_Target):
-    """A Loopwise :class:`~learners.policy.Policy`; ``progressive`` ones learn after scoring."""
+    """A Loopwise :class:`~loopwise.learners.policy.Policy`; ``progressive`` ones learn after
+    scoring."""
 
     def __init__(self, name: str, policy: Policy, progressive: bool) -> None:
         super().__init__()
@@ -349,7 +351,7 @@ class VWTarget(_PolicyTarget):
     """``VWPolicy(args=ARGS)``, learning progressively (score first, then learn)."""
 
     def __init__(self, args: str, seed: int = 0) -> None:
-        from learners.vw_policy import VWPolicy
+        from loopwise.learners.vw_policy import VWPolicy
 
         try:
             policy = VWPolicy(args=args, seed=seed)
@@ -362,7 +364,7 @@ class LinUCBTarget(_PolicyTarget):
     """``LinUCBPolicy(**params)`` on river, learning progressively."""
 
     def __init__(self, params: Mapping[str, Any] | None = None) -> None:
-        from learners.linucb import LinUCBPolicy
+        from loopwise.learners.linucb import LinUCBPolicy
 
         try:
             policy = LinUCBPolicy(**dict(params or {}))

@@ -37,7 +37,7 @@ reach 0.8 of the oracle (loop seeds 1/2/3: first 10k-round window at >= 0.8 ends
 at 100k/50k/100k rounds; 0.83-0.85 at 150k).
 
 The adapter hides VW's duties (parsing, multi-example lists, ``finish_example``):
-callers only see :class:`~learners.policy.Action` lists and numpy pmfs. It talks to
+callers only see :class:`~loopwise.learners.policy.Action` lists and numpy pmfs. It talks to
 VW's native binding (``pylibvw``: parse, ``predict_multi``/``learn_multi``, finish)
 rather than through ``pyvw``'s ``Example`` wrappers, whose Python set-up costs
 ~4 µs a line: measured on 100 actions, a pmf took 454 µs through ``pyvw`` and
@@ -56,8 +56,8 @@ from typing import Any, Final
 import numpy as np
 from vowpalwabbit import Workspace, pyvw
 
-from learners.features import ActionLineCache, vw_adf_lines
-from learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.features import ActionLineCache, vw_adf_lines
+from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
 __all__ = ["DEFAULT_ARGS", "DEFAULT_EXPLORATION", "EXPLORATIONS", "VWPolicy", "vw_args"]
 
@@ -117,7 +117,8 @@ DEFAULT_ARGS: Final = vw_args()
 
 
 class VWPolicy:
-    """Vowpal Wabbit ``--cb_explore_adf`` behind the :class:`~learners.policy.Policy` protocol.
+    """Vowpal Wabbit ``--cb_explore_adf`` behind the :class:`~loopwise.learners.policy.Policy`
+    protocol.
 
     Parameters
     ----------

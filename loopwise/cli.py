@@ -11,7 +11,7 @@ import click
 import orjson
 from rich.console import Console
 
-from config import ConfigError, Settings, load_settings
+from loopwise.config import ConfigError, Settings, load_settings
 
 console = Console(stderr=True)
 
@@ -103,7 +103,7 @@ def infra_down(ctx: click.Context) -> None:
 
 
 @infra.command("status")
-@click.option("--json", "as_json", is_flag=True, help="Print the DESIGN.md status object.")
+@click.option("--json", "as_json", is_flag=True, help="Print the docs/contracts.md status object.")
 @click.pass_context
 def infra_status(ctx: click.Context, as_json: bool) -> None:
     """Tell whether Kafka and Redis answer; exit 1 if either is down."""
@@ -130,7 +130,7 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 @click.pass_context
 def worker(ctx: click.Context) -> None:
     """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly)."""
-    from streams.worker import run_worker
+    from loopwise.streams.worker import run_worker
 
     run_worker(_settings(ctx))
 
@@ -145,8 +145,8 @@ def publish(ctx: click.Context, file: Path, progress: bool) -> None:
     Invalid lines are not sent; they are counted and the first ones listed with
     their line number. Exit code 1 if any line was refused.
     """
-    from producers.publish import publish_jsonl
-    from producers.sdk import EventPublisher
+    from loopwise.producers.publish import publish_jsonl
+    from loopwise.producers.sdk import EventPublisher
 
     with EventPublisher.from_settings(_settings(ctx)) as publisher:
         report = publish_jsonl(file, publisher, progress=progress)
@@ -232,8 +232,8 @@ def simulate(
     import time
     import uuid
 
-    from producers.simulator import MarketConfig, Marketplace
-    from producers.traffic import publish_traffic
+    from loopwise.producers.simulator import MarketConfig, Marketplace
+    from loopwise.producers.traffic import publish_traffic
 
     tag = run_tag if run_tag is not None else uuid.uuid4().hex[:8]
     now_ms = int(time.time() * 1000)  # event time starts now, ahead of any earlier run's
@@ -241,7 +241,7 @@ def simulate(
         MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag, start_ms=now_ms)
     )
     if closed_loop:
-        from producers.closed_loop import run_closed_loop
+        from loopwise.producers.closed_loop import run_closed_loop
 
         result = run_closed_loop(
             _settings(ctx),
@@ -316,7 +316,7 @@ def forget(ctx: click.Context, user_id: str) -> None:
     """Erase everything stored about USER_ID (state and next-best-action)."""
     import asyncio
 
-    from streams.redis_store import RedisStore
+    from loopwise.streams.redis_store import RedisStore
 
     async def run() -> int:
         store = RedisStore.connect(_settings(ctx))
@@ -431,7 +431,7 @@ def export(
     show_default=True,
     help="Records held in memory at a time (validated and scored together).",
 )
-@click.option("--json", "as_json", is_flag=True, help="DESIGN.md's JSON on stdout.")
+@click.option("--json", "as_json", is_flag=True, help="docs/contracts.md's JSON on stdout.")
 @click.option(
     "--from", "start", default=None, help="kafka: logged at or after TIME (ms or ISO 8601)."
 )

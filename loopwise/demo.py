@@ -24,15 +24,15 @@ import orjson
 from kafka import KafkaProducer
 from rich.console import Console
 
-from config import Settings
+from loopwise.config import Settings
 from loopwise.infra import LocalInfra
+from loopwise.producers.closed_loop import run_closed_loop
+from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.producers.traffic import publish_traffic
 from loopwise.report import build_report, plot_report, print_report
+from loopwise.streams.topics import ensure_topics
+from loopwise.streams.worker import spawn_worker, stop_worker
 from loopwise.summary import print_summary, read_summary
-from producers.closed_loop import run_closed_loop
-from producers.simulator import MarketConfig, Marketplace
-from producers.traffic import publish_traffic
-from streams.topics import ensure_topics
-from streams.worker import spawn_worker, stop_worker
 
 console = Console()
 

@@ -1,7 +1,7 @@
 """``loopwise export``: copy the propensity log from Kafka to a JSONL or Parquet file.
 
 The propensity log (topic ``settings.propensity_log_topic``) holds one JSON record per closed
-decision, as in DESIGN.md::
+decision, as in docs/contracts.md::
 
     {"decision_id", "timestamp", "user_id", "arm", "policy_version", "context": {…},
      "actions": [{"id", "features": {…}}…], "chosen", "propensity", "pmf": [float…],
@@ -51,7 +51,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from config import Settings
+from loopwise.config import Settings
 
 SUFFIXES = (".jsonl", ".parquet")
 PARQUET_FORMAT = "loopwise.propensity-log/1"
@@ -62,7 +62,7 @@ STALL_TIMEOUT_S = 60.0  # no message and no progress for this long: the broker i
 # verified each batch's CRC when it was appended, and every record is JSON-decoded here).
 _FAST_CRC32C = find_spec("crc32c") is not None
 
-# The DESIGN.md record fields stored in typed Parquet columns (the rest go to ``extra_json``).
+# The docs/contracts.md record fields stored in typed Parquet columns (the rest go to ``extra_json``).
 _STRINGS = ("decision_id", "user_id", "arm", "policy_version")
 _INTS = ("timestamp", "chosen")
 _FLOATS = ("propensity", "reward")
@@ -377,7 +377,7 @@ def iter_kafka_messages(
 
 
 def read_log(path: Path | str, *, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
-    """Yield the DESIGN.md records of an exported ``.jsonl`` or ``.parquet`` file, in file order.
+    """Yield the docs/contracts.md records of an exported ``.jsonl`` or ``.parquet`` file, in file order.
 
     Streams both formats (Parquet ``batch_size`` rows at a time). JSONL blank lines are
     ignored; a line that is not a JSON object raises ``ValueError`` naming the line. Parquet

@@ -2,9 +2,10 @@
 
 :func:`replay` reads one or more logs (exported ``.jsonl``/``.parquet`` files, or ``kafka:`` for
 the topic of ``settings``), validates every record once, scores each record with every target
-(:mod:`learners.targets`), fits a cross-fitted reward model and returns, for each candidate,
-the estimates of :mod:`learners.ope` with bootstrap intervals and the weight diagnostics, in
-DESIGN.md's ``--json`` format::
+(:mod:`loopwise.learners.targets`), fits a cross-fitted reward model and returns, for each
+candidate, the estimates of :mod:`loopwise.learners.ope` with bootstrap intervals and the weight
+diagnostics, in
+docs/contracts.md's ``--json`` format::
 
     {"n": valid rounds, "excluded": {reason: count},
      "candidates": {name: {"ips": {"value", "ci_low", "ci_high"}, "snips": {...}, "dr": {...},
@@ -58,7 +59,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from learners.ope import (
+from loopwise.learners.ope import (
     DEFAULT_BOOTSTRAP,
     NEEDS_REWARD_MODEL,
     BanditData,
@@ -70,8 +71,8 @@ from learners.ope import (
     diagnostics,
     make_estimator,
 )
-from learners.policy import FloatArray
-from learners.targets import (
+from loopwise.learners.policy import FloatArray
+from loopwise.learners.targets import (
     PmfFileTarget,
     TargetError,
     TargetPolicy,
@@ -536,8 +537,8 @@ def replay_details(
     """Estimate every target's value on the logs (see the module docstring for the steps).
 
     ``logs``: exported ``.jsonl``/``.parquet`` paths or ``kafka:`` (read with ``settings``);
-    ``targets``: names for :func:`learners.targets.make_target`; ``estimators``: names of
-    :data:`learners.ope.ESTIMATORS`; ``chunk``: records held at a time; ``n_bootstrap`` and
+    ``targets``: names for :func:`loopwise.learners.targets.make_target`; ``estimators``: names of
+    :data:`loopwise.learners.ope.ESTIMATORS`; ``chunk``: records held at a time; ``n_bootstrap`` and
     ``alpha``: the percentile bootstrap (``1 - alpha`` intervals, one shared draw for every
     candidate and estimator); ``seed``: bootstrap and VW seeds; ``folds``: cross-fitting folds
     of the reward model; ``keep_rounds``: also return the per-round :class:`ReplayDetails`;

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 
-from learners.policy import FloatArray
+from loopwise.learners.policy import FloatArray
 from loopwise.replay import CandidateRounds, ReplayDetails
 
 if TYPE_CHECKING:

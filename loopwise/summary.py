@@ -10,7 +10,7 @@ import redis
 from rich.console import Console
 from rich.table import Table
 
-from config import Settings
+from loopwise.config import Settings
 
 
 def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000) -> dict[str, Any]:

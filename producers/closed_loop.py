@@ -5,7 +5,7 @@ Redis exactly as any serving layer would (falling back to ``nba:__default__``),
 shows ``item_id``, publishes the ``view`` with ``decision_id``, ``propensity``
 and the request context, and draws the user's click/purchase from the hidden
 ground truth (published with the ``decision_id``). It never looks inside the
-worker: only the public contracts of DESIGN.md.
+worker: only the public contracts of docs/contracts.md.
 
 Requests come in sessions that keep their context (see ``run_closed_loop``).
 A decision is shown once: a user whose ``nba`` was already shown (the worker
@@ -28,10 +28,10 @@ import orjson
 import redis
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from config import Settings
-from producers.sdk import EventPublisher
-from producers.simulator import Marketplace
-from producers.traffic import RateLimiter
+from loopwise.config import Settings
+from loopwise.producers.sdk import EventPublisher
+from loopwise.producers.simulator import Marketplace
+from loopwise.producers.traffic import RateLimiter
 
 DEFAULT_USER = "__default__"
 

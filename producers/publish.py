@@ -8,7 +8,7 @@ from pathlib import Path
 import orjson
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 
-from producers.sdk import EventPublisher, InvalidEvent
+from loopwise.producers.sdk import EventPublisher, InvalidEvent
 
 
 @dataclass(slots=True)

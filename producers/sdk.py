@@ -2,7 +2,7 @@
 
 Example::
 
-    from producers.sdk import EventPublisher
+    from loopwise.producers.sdk import EventPublisher
 
     with EventPublisher.from_settings(load_settings()) as events:
         events.view("u-42", "item-7", context={"device": "mobile"})
@@ -22,8 +22,8 @@ from typing import Any
 import orjson
 from kafka import KafkaProducer
 
-from config import Settings
-from streams.decoding import Event, Rejection, decode
+from loopwise.config import Settings
+from loopwise.streams.decoding import Event, Rejection, decode
 
 
 class InvalidEvent(ValueError):

@@ -5,7 +5,7 @@ model of how likely each user is to click and buy each item in each request
 context. Two uses follow from that:
 
 * **organic traffic**: :meth:`Marketplace.events` yields view/click/purchase
-  events (DESIGN.md "Event schema") as real users would produce them, browsing
+  events (docs/contracts.md "Event schema") as real users would produce them, browsing
   by taste and popularity rather than by the optimum;
 * **ground truth**: the exact click and purchase probabilities, the best item
   for a (user, context), and the expected reward of the oracle and of uniform

@@ -6,9 +6,9 @@ import time
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from config import Settings
-from producers.sdk import EventPublisher
-from producers.simulator import Marketplace
+from loopwise.config import Settings
+from loopwise.producers.sdk import EventPublisher
+from loopwise.producers.simulator import Marketplace
 
 
 class RateLimiter:

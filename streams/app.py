@@ -1,13 +1,13 @@
 """The Faust app: the events agent, the learner agent and the join timer.
 
 - ``events`` agent: takes batches without acking (``noack_take``), hands them to
-  :class:`streams.pipeline.UserStatePipeline` (user state, reward join,
+  :class:`loopwise.streams.pipeline.UserStatePipeline` (user state, reward join,
   next-best-actions, propensity-log outbox), retries on Redis or Kafka errors
   until the batch succeeds, and only then acks each event in order, so Faust
   commits no offset whose effects are not in Redis.
 - ``learner`` agent: reads the propensity log, lets every policy learn from
   every record, snapshots the models with their log offsets, and acks the log
-  only up to the last snapshot (:mod:`streams.learner`).
+  only up to the last snapshot (:mod:`loopwise.streams.learner`).
 - a 1-second timer closes decisions whose wall-clock window ended while the
   stream was idle.
 
@@ -31,16 +31,16 @@ import redis
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
-from config import Settings
-from learners.arms import ArmAssigner
-from streams.catalog import Catalog
-from streams.decisions import DecisionMaker
-from streams.learner import Learner, build_policies
-from streams.log_tail import decision_ids_at_tail
-from streams.loop import LearningLoop
-from streams.pipeline import Message, UserStatePipeline
-from streams.redis_store import RedisStore
-from streams.reward_join import RewardJoin, RewardRule
+from loopwise.config import Settings
+from loopwise.learners.arms import ArmAssigner
+from loopwise.streams.catalog import Catalog
+from loopwise.streams.decisions import DecisionMaker
+from loopwise.streams.learner import Learner, build_policies
+from loopwise.streams.log_tail import decision_ids_at_tail
+from loopwise.streams.loop import LearningLoop
+from loopwise.streams.pipeline import Message, UserStatePipeline
+from loopwise.streams.redis_store import RedisStore
+from loopwise.streams.reward_join import RewardJoin, RewardRule
 
 log = logging.getLogger("loopwise.worker")
 

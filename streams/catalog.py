@@ -14,8 +14,8 @@ from collections.abc import Mapping
 import orjson
 import redis.asyncio as aioredis
 
-from learners.policy import Action
-from streams.user_state import text
+from loopwise.learners.policy import Action
+from loopwise.streams.user_state import text
 
 
 class Catalog:

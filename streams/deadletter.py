@@ -1,4 +1,4 @@
-"""The dead-letter record (DESIGN.md): what was refused, why, and where it came from.
+"""The dead-letter record (docs/contracts.md): what was refused, why, and where it came from.
 
 Errors are data: a refused message is not an exception but a record on
 ``loopwise.deadletter``, keyed by the original key, carrying the original
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import orjson
 
-from streams.decoding import Rejection
+from loopwise.streams.decoding import Rejection
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +25,7 @@ class Source:
 
 
 def deadletter_record(rejection: Rejection, source: Source, original: bytes | None) -> bytes:
-    """Serialize the dead-letter record of DESIGN.md for one refused message."""
+    """Serialize the dead-letter record of docs/contracts.md for one refused message."""
     return orjson.dumps(
         {
             "reason": rejection.reason,

@@ -5,7 +5,7 @@ catalog (capped at ``max_candidates``, pre-filtered by popularity and the
 user's category affinities when larger), asks the policy of the user's arm for
 a pmf, raises every probability to at least ``pmf_floor`` (so that off-policy
 evaluation stays possible), samples ``chosen`` from it and stamps a fresh
-``decision_id``. ``nba_json`` renders DESIGN.md's ``nba:{user_id}`` value.
+``decision_id``. ``nba_json`` renders docs/contracts.md's ``nba:{user_id}`` value.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import orjson
 
-from learners.policy import Action, Policy, apply_floor, sample
-from streams.reward_join import Decision
-from streams.user_state import UserState
+from loopwise.learners.policy import Action, Policy, apply_floor, sample
+from loopwise.streams.reward_join import Decision
+from loopwise.streams.user_state import UserState
 
 DEFAULT_USER = "__default__"
 
@@ -132,7 +132,7 @@ class DecisionMaker:
 
 
 def nba_json(decision: Decision, extra: Mapping[str, Any] | None = None) -> bytes:
-    """DESIGN.md's ``nba:{user_id}`` value."""
+    """docs/contracts.md's ``nba:{user_id}`` value."""
     body: dict[str, Any] = {
         "decision_id": decision.decision_id,
         "user_id": decision.user_id,

@@ -1,4 +1,4 @@
-"""Decode and validate one event (DESIGN.md "Event schema"), once, at the boundary.
+"""Decode and validate one event (docs/contracts.md "Event schema"), once, at the boundary.
 
 ``decode(raw)`` never raises on input: it returns either an :class:`Event` or a
 :class:`Rejection` whose ``reason`` is one of :data:`REASONS` and whose

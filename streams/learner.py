@@ -11,7 +11,7 @@ restart the policies are restored from the snapshot and records below its
 offsets are skipped: nothing is learned twice, nothing is skipped.
 
 The learner also watches each arm's reward rate with an ADWIN drift monitor
-(:class:`learners.river_models.RewardMonitor`): a change is logged as a warning
+(:class:`loopwise.learners.river_models.RewardMonitor`): a change is logged as a warning
 and every snapshot writes ``reward_monitor`` (JSON, per arm: records seen since
 the worker started, mean, the mean over ADWIN's current window, its width, the
 drifts detected) beside the models, for ``loopwise stats``.
@@ -27,9 +27,9 @@ from typing import Any
 import orjson
 import redis.asyncio as aioredis
 
-from config import Settings
-from learners.policy import Action, Policy, restore
-from learners.river_models import RewardMonitor
+from loopwise.config import Settings
+from loopwise.learners.policy import Action, Policy, restore
+from loopwise.learners.river_models import RewardMonitor
 
 log = logging.getLogger("loopwise.learner")
 
@@ -41,15 +41,15 @@ def build_policies(settings: Settings) -> dict[str, Policy]:
     policies: dict[str, Policy] = {}
     for arm in {*settings.arms, settings.holdout_arm}:
         if arm == "vw":
-            from learners.vw_policy import VWPolicy
+            from loopwise.learners.vw_policy import VWPolicy
 
             policies[arm] = VWPolicy(args=settings.vw_args) if settings.vw_args else VWPolicy()
         elif arm == "linucb":
-            from learners.linucb import LinUCBPolicy
+            from loopwise.learners.linucb import LinUCBPolicy
 
             policies[arm] = LinUCBPolicy()
         elif arm == "popularity":
-            from learners.popularity import PopularityPolicy
+            from loopwise.learners.popularity import PopularityPolicy
 
             policies[arm] = PopularityPolicy()
         else:  # pragma: no cover - the settings validate arm names
@@ -159,7 +159,7 @@ class Learner:
             )
 
     def monitor_summary(self) -> dict[str, dict[str, Any]]:
-        """Per arm: :meth:`learners.river_models.RewardMonitor.summary`."""
+        """Per arm: :meth:`loopwise.learners.river_models.RewardMonitor.summary`."""
         return {arm: monitor.summary() for arm, monitor in sorted(self.monitors.items())}
 
     def snapshot_due(self) -> bool:

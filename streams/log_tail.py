@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from config import Settings
+from loopwise.config import Settings
 
 
 async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> set[str]:

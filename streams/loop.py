@@ -5,7 +5,7 @@ Redis transaction (``{p}`` is ``key_prefix``):
 
 - ``{p}join:{partition}``   hash decision_id → open decision (JSON), per events partition
 - ``{p}decision:{id}``      a computed decision until it is shown (or expires)
-- ``{p}nba:{user_id}``      DESIGN.md's next-best-action; ``nba:__default__`` too
+- ``{p}nba:{user_id}``      docs/contracts.md's next-best-action; ``nba:__default__`` too
 - ``{p}outbox:{partition}`` list of closed decisions' log records not yet on Kafka
 
 Publishing the log, in order: (1) closed decisions leave ``join:*`` and enter
@@ -29,13 +29,13 @@ from typing import Any
 import orjson
 from redis.asyncio.client import Pipeline
 
-from config import Settings
-from streams.catalog import Catalog
-from streams.decisions import DEFAULT_USER, DecisionMaker, nba_json
-from streams.decoding import Event
-from streams.redis_store import RedisStore
-from streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin
-from streams.user_state import UserState
+from loopwise.config import Settings
+from loopwise.streams.catalog import Catalog
+from loopwise.streams.decisions import DEFAULT_USER, DecisionMaker, nba_json
+from loopwise.streams.decoding import Event
+from loopwise.streams.redis_store import RedisStore
+from loopwise.streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin
+from loopwise.streams.user_state import UserState
 
 log = logging.getLogger("loopwise.loop")
 

@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 import orjson
 from redis.asyncio.client import Pipeline
 
-from config import Settings
-from streams.deadletter import Source, deadletter_record
-from streams.decoding import Event, Rejection, decode
-from streams.loop import LearningLoop, LoopBatch
-from streams.redis_store import RedisStore
-from streams.user_state import StateRules, UserState, apply_event, group_by_user
+from loopwise.config import Settings
+from loopwise.streams.deadletter import Source, deadletter_record
+from loopwise.streams.decoding import Event, Rejection, decode
+from loopwise.streams.loop import LearningLoop, LoopBatch
+from loopwise.streams.redis_store import RedisStore
+from loopwise.streams.user_state import StateRules, UserState, apply_event, group_by_user
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,8 +1,8 @@
 """Redis I/O of the user-state stage: idempotency keys, user hashes, catalog, counters.
 
-Key layout (DESIGN.md; ``{p}`` is ``key_prefix``):
+Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 
-- ``{p}user:{user_id}``  hash of :class:`streams.user_state.UserState`
+- ``{p}user:{user_id}``  hash of :class:`loopwise.streams.user_state.UserState`
 - ``{p}catalog``         hash item_id → JSON features of the latest ``item`` event
 - ``{p}seen:{bucket}``   set of applied event_ids; a bucket spans ``dedupe_window_s``
   of wall-clock time and lives two spans, so an id is remembered at least one span
@@ -26,8 +26,8 @@ import orjson
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
-from config import Settings
-from streams.user_state import UserState, text
+from loopwise.config import Settings
+from loopwise.streams.user_state import UserState, text
 
 
 class RedisStore:

@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from streams.decoding import Event
+from loopwise.streams.decoding import Event
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,7 +241,7 @@ class RewardJoin:
             changes.closed.append(open_decision)
 
     def record(self, open_decision: OpenDecision) -> dict[str, Any]:
-        """The propensity-log record of a closed decision (DESIGN.md)."""
+        """The propensity-log record of a closed decision (docs/contracts.md)."""
         d = open_decision.decision
         reward = self.rule(open_decision.clicks, open_decision.purchases, open_decision.revenue)
         return {

@@ -9,7 +9,7 @@ from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
-from config import Settings
+from loopwise.config import Settings
 
 log = logging.getLogger("loopwise.topics")
 

@@ -1,4 +1,4 @@
-"""Fresh per-user state (DESIGN.md ``user:{user_id}``), as a pure fold over events.
+"""Fresh per-user state (docs/contracts.md ``user:{user_id}``), as a pure fold over events.
 
 The worker reads the touched users' hashes once per batch, folds the batch's
 events into them here, and writes each hash back once: one read and one write
@@ -22,7 +22,7 @@ from typing import Final
 
 import orjson
 
-from streams.decoding import Event
+from loopwise.streams.decoding import Event
 
 COUNTERS: Final = {"view": "views", "click": "clicks", "purchase": "purchases"}
 AFFINITY_PREFIX: Final = "aff:"

@@ -10,9 +10,9 @@ import sys
 import faust
 from prometheus_client import start_http_server
 
-from config import Settings
-from streams.app import build_app
-from streams.topics import ensure_topics
+from loopwise.config import Settings
+from loopwise.streams.app import build_app
+from loopwise.streams.topics import ensure_topics
 
 
 def run_worker(settings: Settings) -> None:

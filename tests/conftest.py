@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from config.settings import Settings, load_settings
+from loopwise.config.settings import Settings, load_settings
 from loopwise.infra import LocalInfra
 
 

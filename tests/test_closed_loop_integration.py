@@ -1,6 +1,6 @@
 """The learning loop, closed, against the real Kafka broker and the real Redis.
 
-The simulator plays a serving layer that knows only DESIGN.md: it reads
+The simulator plays a serving layer that knows only docs/contracts.md: it reads
 ``nba:{user_id}``, shows the item, publishes the view with its decision_id and
 the clicks its hidden ground truth draws. The worker joins, logs, learns.
 """
@@ -19,13 +19,13 @@ import pytest
 import redis
 from worker_helpers import stats, wait_until
 
-from config import Settings
+from loopwise.config import Settings
 from loopwise.export import export_log, read_log
+from loopwise.producers.closed_loop import run_closed_loop
+from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.report import build_report
-from producers.closed_loop import run_closed_loop
-from producers.simulator import MarketConfig, Marketplace
-from streams.topics import ensure_topics
-from streams.worker import spawn_worker
+from loopwise.streams.topics import ensure_topics
+from loopwise.streams.worker import spawn_worker
 
 pytestmark = pytest.mark.integration
 
@@ -145,7 +145,7 @@ def test_sigkill_loses_no_decision_logs_none_twice_and_learning_resumes(
         # Learning resumed from the snapshot: every record learned exactly once.
         time.sleep(3)  # a snapshot after the last record
         model = r.hgetall(s.key("model"))
-        from learners.policy import restore
+        from loopwise.learners.policy import restore
 
         vw = restore(bytes(model[b"vw"]))
         assert vw.version == sum(logged.values())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import orjson
 
-from learners.policy import Action
-from learners.popularity import PopularityPolicy
-from streams.decisions import DecisionMaker, nba_json, user_features
-from streams.user_state import UserState
+from loopwise.learners.policy import Action
+from loopwise.learners.popularity import PopularityPolicy
+from loopwise.streams.decisions import DecisionMaker, nba_json, user_features
+from loopwise.streams.user_state import UserState
 
 USER: dict[str, float | str] = {"user_id": "u", "aff:c1": 0.5, "aff:c3": 0.25}
 

@@ -1,4 +1,4 @@
-"""The schema of DESIGN.md, rule by rule: every refusal names its reason and field."""
+"""The schema of docs/contracts.md, rule by rule: every refusal names its reason and field."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from streams.deadletter import Source, deadletter_record, original_bytes
-from streams.decoding import REASONS, Event, Rejection, decode
+from loopwise.streams.deadletter import Source, deadletter_record, original_bytes
+from loopwise.streams.decoding import REASONS, Event, Rejection, decode
 
 GOOD = {"event_id": "e1", "type": "view", "user_id": "u1", "item_id": "i1", "timestamp": 1}
 

@@ -18,7 +18,7 @@ import pytest
 from kafka import KafkaProducer
 from rich.console import Console
 
-from config import Settings, load_settings
+from loopwise.config import Settings, load_settings
 from loopwise.export import (
     ExportError,
     check_suffix,
@@ -30,7 +30,7 @@ from loopwise.export import (
 )
 from loopwise.replay import ReplayError, replay
 from loopwise.report import build_report, mean_ci, plot_report, print_report, rolling_mean
-from streams.topics import ensure_topics
+from loopwise.streams.topics import ensure_topics
 
 Z = 1.959963984540054
 
@@ -217,7 +217,7 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
 
 
 def _records(n: int, seed: int = 1) -> list[dict[str, Any]]:
-    """Propensity-log records of DESIGN.md, with the variations a real log may hold."""
+    """Propensity-log records of docs/contracts.md, with the variations a real log may hold."""
     rng = random.Random(seed)
     out = []
     for i in range(n):

@@ -14,7 +14,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from kafka import KafkaConsumer, KafkaProducer
 from kafka.admin import KafkaAdminClient, NewTopic
 
-from config.settings import Settings
+from loopwise.config.settings import Settings
 from loopwise.infra import InfraError, KafkaBroker, LocalInfra, RedisServer, free_port
 from loopwise.infra.kafka_broker import port_open
 

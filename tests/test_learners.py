@@ -13,20 +13,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.arms import ArmAssigner, ArmConfigError, unit_hash, validate_shares
-from learners.features import (
+from loopwise.learners.arms import ArmAssigner, ArmConfigError, unit_hash, validate_shares
+from loopwise.learners.features import (
     FeatureHasher,
     action_features,
     daypart,
     shared_features,
     vw_adf_lines,
 )
-from learners.linucb import LinUCBPolicy
-from learners.policy import Action, Policy, SnapshotError, apply_floor, restore, sample
-from learners.popularity import PopularityPolicy
-from learners.river_models import ClickModel, ItemPopularity, RewardMonitor
-from learners.vw_policy import VWPolicy, vw_args
-from producers.simulator import MarketConfig, Marketplace
+from loopwise.learners.linucb import LinUCBPolicy
+from loopwise.learners.policy import Action, Policy, SnapshotError, apply_floor, restore, sample
+from loopwise.learners.popularity import PopularityPolicy
+from loopwise.learners.river_models import ClickModel, ItemPopularity, RewardMonitor
+from loopwise.learners.vw_policy import VWPolicy, vw_args
+from loopwise.producers.simulator import MarketConfig, Marketplace
 
 # ------------------------------------------------------------------ fixtures
 
@@ -156,7 +156,7 @@ def test_vw_learn_many_equals_learning_one_by_one() -> None:
 
 def test_vw_native_binding_path_equals_the_pyvw_path() -> None:
     """The adapter's direct pylibvw calls learn and predict exactly as pyvw's wrappers do."""
-    from learners import vw_policy
+    from loopwise.learners import vw_policy
 
     assert vw_policy._HAS_NATIVE  # the fast path is the one in use with our pinned VW
     rng = np.random.default_rng(8)
@@ -447,8 +447,8 @@ def test_popularity_holdout_beats_uniform_in_the_simulated_market() -> None:
 
 def test_learner_watches_each_arms_reward_rate_and_flags_a_change() -> None:
     """The learner's ADWIN monitor: one per arm, a drift when the vw arm's rate drops."""
-    from config import load_settings
-    from streams.learner import Learner
+    from loopwise.config import load_settings
+    from loopwise.streams.learner import Learner
 
     s = load_settings(arms={"popularity": 1.0}, holdout_arm="popularity")
     learner = Learner(s, client=None, policies={"popularity": PopularityPolicy()})  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from learners.ope import (
+from loopwise.learners.ope import (
     DR,
     IPS,
     SNDR,
@@ -25,10 +25,10 @@ from learners.ope import (
     bootstrap_intervals,
     diagnostics,
 )
-from learners.policy import apply_floor
-from learners.targets import TargetError, make_target
+from loopwise.learners.policy import apply_floor
+from loopwise.learners.targets import TargetError, make_target
+from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.replay import ReplayError, _Problems, _validate, check_record, replay
-from producers.simulator import MarketConfig, Marketplace
 
 # ------------------------------------------------------------------------------ helpers
 

@@ -21,10 +21,10 @@ import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from worker_helpers import stats, wait_until
 
-from config import Settings
-from producers.simulator import MarketConfig, Marketplace
-from streams.topics import ensure_topics
-from streams.worker import spawn_worker, stop_worker
+from loopwise.config import Settings
+from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.streams.topics import ensure_topics
+from loopwise.streams.worker import spawn_worker, stop_worker
 
 pytestmark = pytest.mark.integration
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from streams.decoding import Event
-from streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin, RewardRule
+from loopwise.streams.decoding import Event
+from loopwise.streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin, RewardRule
 
 WINDOW = 1000
 

@@ -12,8 +12,8 @@ import numpy as np
 import orjson
 import pytest
 
-from producers import simulator
-from producers.simulator import MarketConfig, Marketplace
+from loopwise.producers import simulator
+from loopwise.producers.simulator import MarketConfig, Marketplace
 
 N_EVENTS = 50_000
 EVENT_TYPES = {"view", "click", "purchase", "item"}
@@ -39,7 +39,7 @@ def _is_number(value: Any) -> bool:
 
 
 def assert_schema_valid(event: dict[str, Any]) -> None:
-    """DESIGN.md "Event schema", checked by hand."""
+    """docs/contracts.md "Event schema", checked by hand."""
     assert isinstance(event, dict)
     assert set(event) <= KNOWN_FIELDS, set(event) - KNOWN_FIELDS
     assert type(event["event_id"]) is str and event["event_id"]
@@ -92,7 +92,7 @@ def _views_with_complete_followups(
     """Views whose clicks/purchases are surely in the stream, and their click/purchase counts.
 
     A click or purchase is matched to the latest earlier view of the same user,
-    item and context (the attribution rule of DESIGN.md).
+    item and context (the attribution rule of docs/contracts.md).
     """
     cutoff = stream[-1]["timestamp"] - market.max_followup_ms - 1
     latest: dict[tuple[str, str, bytes], int] = {}

@@ -7,8 +7,8 @@ from decimal import Decimal
 
 import pytest
 
-from streams.decoding import Event
-from streams.user_state import StateRules, UserState, apply_event, purchase_amount
+from loopwise.streams.decoding import Event
+from loopwise.streams.user_state import StateRules, UserState, apply_event, purchase_amount
 
 RULES = StateRules(
     recent_items=3, affinity_half_life_ms=1000, affinity_weights={"view": 1.0, "click": 2.0}

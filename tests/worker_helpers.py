@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import redis
 
-from config import Settings
+from loopwise.config import Settings
 
 
 def stats(r: redis.Redis, s: Settings) -> Counter[str]:

@@ -18,7 +18,7 @@ from loopwise.infra.kafka_broker import InfraError, KafkaBroker
 from loopwise.infra.redis_server import RedisServer
 
 if TYPE_CHECKING:
-    from config.settings import Settings
+    from loopwise.config.settings import Settings
 
 log = logging.getLogger("loopwise.infra")
 
@@ -76,7 +76,7 @@ class LocalInfra:
         The Kafka version is ``kafka_version``, else ``LOOPWISE_KAFKA_VERSION``, else the
         settings' default, so a test run can measure another release without code changes.
         """
-        from config.settings import Settings
+        from loopwise.config.settings import Settings
 
         version = (
             kafka_version
@@ -142,7 +142,7 @@ class LocalInfra:
             raise InfraError("; ".join(errors))
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """``{"kafka": {"bootstrap_servers", "up"}, "redis": {"url", "up"}}`` (DESIGN.md)."""
+        """``{"kafka": {"bootstrap_servers", "up"}, "redis": {"url", "up"}}`` (docs/contracts.md)."""
         return {
             "kafka": {"bootstrap_servers": self.bootstrap_servers, "up": self.kafka.is_up()},
             "redis": {"url": self.redis_url, "up": self.redis.is_up()},
