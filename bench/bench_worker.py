@@ -41,7 +41,9 @@ from rich.table import Table
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.simulator import MarketConfig, Marketplace
-from loopwise.streams.pipeline import Message, UserStatePipeline
+from loopwise.streams.catalog import Catalog
+from loopwise.streams.checkpoint import Checkpoint
+from loopwise.streams.pipeline import Message, Pipeline
 from loopwise.streams.redis_store import RedisStore
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
@@ -104,7 +106,7 @@ def core_without_faust(settings: Settings, n: int) -> float:
         async def no_deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
             assert not records, "the benchmark topic has only valid events"
 
-        pipeline = UserStatePipeline(settings, store, no_deadletters)
+        pipeline = Pipeline(settings, store, Checkpoint(store, no_deadletters), Catalog())
 
         async def apply(records: list[Any]) -> None:
             await pipeline.process(

@@ -29,7 +29,8 @@ Two renderings of the same features:
   VW parses it in C++: featurize + render + parse + predict of 40 actions took
   ~210 us here, while only *building* the same ``vowpalwabbit.Example`` objects
   from Python dicts (no predict) took ~220 us (``bench/bench_policies.py
-  --latency-only``); policies also cache each item's rendered text;
+  --latency-only``); each action's rendered text is kept on the action
+  (:class:`loopwise.learners.policy.ActionTable` makes one action per item version);
 * :func:`hashed_vector`: a fixed-length numeric vector (signed hashing trick,
   Weinberger et al. 2009, "Feature Hashing for Large Scale Multitask Learning")
   for linear models such as LinUCB.
@@ -174,30 +175,11 @@ def vw_action_line(features: Features) -> str:
 
 
 def render_action(action: Action) -> str:
-    """The ``|A ...`` part of one action's ADF line (uncached)."""
-    return vw_action_line(action_features(action.id, action.features))
-
-
-class ActionLineCache:
-    """Renders each item's ``|A`` text once, and again only if its features change.
-
-    Call it as the ``render`` of :func:`vw_adf_lines`. Bounded: past ``max_items``
-    entries it starts over (a catalog that large churns anyway).
-    """
-
-    def __init__(self, max_items: int = 100_000) -> None:
-        self.max_items = max_items
-        self._lines: dict[str, tuple[Mapping[str, Any], str]] = {}
-
-    def __call__(self, action: Action) -> str:
-        hit = self._lines.get(action.id)
-        if hit is not None and hit[0] == action.features:
-            return hit[1]
-        line = render_action(action)
-        if len(self._lines) > self.max_items:
-            self._lines.clear()
-        self._lines[action.id] = (dict(action.features), line)  # a copy: edits show up
-        return line
+    """The ``|A ...`` part of one action's ADF line, rendered once per action (kept on it)."""
+    line = action.derived.get("vw")
+    if line is None:
+        line = action.derived["vw"] = vw_action_line(action_features(action.id, action.features))
+    return line
 
 
 def vw_adf_lines(
@@ -211,7 +193,7 @@ def vw_adf_lines(
     ``label = (index, cost, probability)`` puts the CB label ``0:cost:probability``
     on that action's line. Each action line also carries ``|B user_aff:...`` (the
     user's affinity share for the action's category) when the user has one.
-    ``render`` turns an action into its ``|A`` part (a policy passes a cached one).
+    ``render`` turns an action into its ``|A`` part (:func:`render_action`, cached per action).
     """
     user, context = shared_features(shared)
     lines = [vw_shared_line(user, context)]

@@ -44,8 +44,8 @@ import numpy as np
 import numpy.typing as npt
 from vowpalwabbit import Workspace
 
-from loopwise.learners.features import ActionLineCache, vw_adf_lines
-from loopwise.learners.policy import Action, FloatArray
+from loopwise.learners.features import vw_adf_lines
+from loopwise.learners.policy import Action, ActionTable, FloatArray
 
 __all__ = [
     "DM",
@@ -605,10 +605,11 @@ class CrossFitRewardModel:
         self.folds = folds
         self.args = f"{args} --random_seed {seed}"
         self._models = [Workspace(self.args) for _ in range(folds)]
-        self._action_line = ActionLineCache()
+        self._actions = ActionTable()  # one action per item version: its text rendered once
 
     def _action_lines(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> list[str]:
-        lines = vw_adf_lines(shared, actions, None, self._action_line)
+        table = self._actions
+        lines = vw_adf_lines(shared, [table.intern(a) for a in actions])
         shared_part = lines[0].removeprefix("shared ")
         return [f"{shared_part} {line}" for line in lines[1:]]
 

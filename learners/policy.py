@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Protocol, runtime_checkable
 
 import numpy as np
@@ -35,6 +35,7 @@ import orjson
 
 __all__ = [
     "Action",
+    "ActionTable",
     "FloatArray",
     "Policy",
     "SnapshotError",
@@ -63,11 +64,67 @@ class Action:
     """A candidate action (an item of the active catalog) and its catalog features.
 
     ``features`` are the item's catalog features (category, price, brand, ...):
-    strings, numbers or bools.
+    strings, numbers or bools. An action never changes: an item whose features
+    change becomes a new ``Action`` (see :class:`ActionTable`), so what is derived
+    from it (its log-record form, its VW text) is computed once and kept in
+    ``derived``.
     """
 
     id: str
     features: Mapping[str, Scalar]
+    derived: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def as_record(self) -> dict[str, Any]:
+        """``{"id", "features"}``: the action as decisions and log records hold it (built once)."""
+        record = self.derived.get("record")
+        if record is None:
+            record = self.derived["record"] = {"id": self.id, "features": self.features}
+        return record
+
+
+class ActionTable:
+    """The one per-item cache: one :class:`Action` per item and version of its features.
+
+    ``get(item_id, features)`` returns the item's current action when its features
+    are unchanged (so everything derived from it is reused), and a new action
+    otherwise; ``version`` counts those changes. The catalog builds its candidates
+    through one table, the learner and replay intern the actions of log records
+    through theirs. Bounded: past ``max_items`` items it starts over (a catalog that
+    large churns anyway; only the derived forms are recomputed).
+    """
+
+    def __init__(self, max_items: int = 1_000_000) -> None:
+        self.max_items = max_items
+        self.version = 0
+        self._actions: dict[str, Action] = {}
+
+    def __len__(self) -> int:
+        return len(self._actions)
+
+    def get(self, item_id: str, features: Mapping[str, Scalar]) -> Action:
+        """The item's action with these features (the features are kept, not copied)."""
+        action = self._actions.get(item_id)
+        if action is not None and (action.features is features or action.features == features):
+            return action
+        return self._put(Action(item_id, features))
+
+    def intern(self, action: Action) -> Action:
+        """The table's action equal to ``action`` (``action`` itself when it is new)."""
+        known = self._actions.get(action.id)
+        if known is not None and (
+            known is action
+            or known.features is action.features
+            or known.features == action.features
+        ):
+            return known
+        return self._put(action)
+
+    def _put(self, action: Action) -> Action:
+        if len(self._actions) >= self.max_items:
+            self._actions.clear()
+        self._actions[action.id] = action
+        self.version += 1
+        return action
 
 
 @runtime_checkable

@@ -56,8 +56,14 @@ from typing import Any, Final
 import numpy as np
 from vowpalwabbit import Workspace, pyvw
 
-from loopwise.learners.features import ActionLineCache, vw_adf_lines
-from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.features import vw_adf_lines
+from loopwise.learners.policy import (
+    Action,
+    ActionTable,
+    FloatArray,
+    check_learn_args,
+    pack_snapshot,
+)
 
 __all__ = ["DEFAULT_ARGS", "DEFAULT_EXPLORATION", "EXPLORATIONS", "VWPolicy", "vw_args"]
 
@@ -173,8 +179,9 @@ class VWPolicy:
         self._raw_args = args
         self._vw = Workspace(self.args)
         self._version = 0
-        # id -> (catalog features, rendered |A text): an item's text is rendered once.
-        self._action_line = ActionLineCache()
+        # One action per item version, so each item's |A text is rendered once, also for the
+        # actions rebuilt from every log record the learner reads.
+        self._actions = ActionTable()
         self._native = _HAS_NATIVE
 
     # ------------------------------------------------------------- protocol
@@ -293,4 +300,5 @@ class VWPolicy:
         actions: Sequence[Action],
         label: tuple[int, float, float] | None,
     ) -> list[str]:
-        return vw_adf_lines(shared, actions, label, self._action_line)
+        table = self._actions
+        return vw_adf_lines(shared, [table.intern(a) for a in actions], label)

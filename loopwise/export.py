@@ -62,7 +62,7 @@ STALL_TIMEOUT_S = 60.0  # no message and no progress for this long: the broker i
 # verified each batch's CRC when it was appended, and every record is JSON-decoded here).
 _FAST_CRC32C = find_spec("crc32c") is not None
 
-# The docs/contracts.md record fields stored in typed Parquet columns (the rest go to ``extra_json``).
+# The record fields (docs/contracts.md) stored in typed Parquet columns (the rest: ``extra_json``).
 _STRINGS = ("decision_id", "user_id", "arm", "policy_version")
 _INTS = ("timestamp", "chosen")
 _FLOATS = ("propensity", "reward")
@@ -377,7 +377,7 @@ def iter_kafka_messages(
 
 
 def read_log(path: Path | str, *, batch_size: int = 10_000) -> Iterator[dict[str, Any]]:
-    """Yield the docs/contracts.md records of an exported ``.jsonl`` or ``.parquet`` file, in file order.
+    """Yield the log records (docs/contracts.md) of an exported ``.jsonl`` or ``.parquet`` file.
 
     Streams both formats (Parquet ``batch_size`` rows at a time). JSONL blank lines are
     ignored; a line that is not a JSON object raises ``ValueError`` naming the line. Parquet

@@ -1,15 +1,15 @@
 """The Faust app: the events agent, the learner agent and the join timer.
 
 - ``events`` agent: takes batches without acking (``noack_take``), hands them to
-  :class:`loopwise.streams.pipeline.UserStatePipeline` (user state, reward join,
-  next-best-actions, propensity-log outbox), retries on Redis or Kafka errors
-  until the batch succeeds, and only then acks each event in order, so Faust
-  commits no offset whose effects are not in Redis.
+  :class:`loopwise.streams.pipeline.Pipeline` (read → plan → commit: user state,
+  reward join, next-best-actions, propensity-log outbox), retries on Redis or
+  Kafka errors until the batch succeeds, and only then acks each event in
+  order, so Faust commits no offset whose effects are not in Redis.
 - ``learner`` agent: reads the propensity log, lets every policy learn from
   every record, snapshots the models with their log offsets, and acks the log
   only up to the last snapshot (:mod:`loopwise.streams.learner`).
 - a 1-second timer closes decisions whose wall-clock window ended while the
-  stream was idle.
+  stream was idle (the same read → plan → commit path, with no events).
 
 One agent instance each (``concurrency=1``): partitions are served in order,
 which also keeps clear of faust-streaming's out-of-order commit bug (fs#606).
@@ -34,11 +34,12 @@ from prometheus_client import Histogram
 from loopwise.config import Settings
 from loopwise.learners.arms import ArmAssigner
 from loopwise.streams.catalog import Catalog
+from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
 from loopwise.streams.learner import Learner, build_policies
 from loopwise.streams.log_tail import decision_ids_at_tail
 from loopwise.streams.loop import LearningLoop
-from loopwise.streams.pipeline import Message, UserStatePipeline
+from loopwise.streams.pipeline import Message, Pipeline
 from loopwise.streams.redis_store import RedisStore
 from loopwise.streams.reward_join import RewardJoin, RewardRule
 
@@ -94,6 +95,8 @@ def build_app(settings: Settings) -> faust.App:
 
     loop: LearningLoop | None = None
     learner: Learner | None = None
+    catalog = Catalog()
+    checkpoint = Checkpoint(store, send_deadletters)
     if settings.decisions:
         policies = build_policies(settings)
         maker = DecisionMaker(
@@ -113,20 +116,15 @@ def build_app(settings: Settings) -> faust.App:
         async def log_tail(partition: int, n: int) -> set[str]:
             return await decision_ids_at_tail(settings, partition, n)
 
+        checkpoint = Checkpoint(store, send_deadletters, send_log, log_tail)
         loop = LearningLoop(
-            settings,
-            store,
-            maker,
-            RewardJoin(settings.attribution_window_ms, rule),
-            Catalog(),
-            send_log,
-            log_tail,
+            settings, maker, RewardJoin(settings.attribution_window_ms, rule), catalog
         )
         learner = Learner(settings, store.client, policies, maker.popularity)
         # Restore before any agent starts, so the first decisions use the saved models.
         with redis.Redis.from_url(settings.redis_url, password=settings.redis_password) as sync:
             learner.load_snapshot(sync.hgetall(learner.key))
-    pipeline = UserStatePipeline(settings, store, send_deadletters, loop)
+    pipeline = Pipeline(settings, store, checkpoint, catalog, loop)
 
     @app.agent(events_topic, concurrency=1)
     async def events(stream: Any) -> None:
@@ -138,8 +136,7 @@ def build_app(settings: Settings) -> faust.App:
             started = time.perf_counter()
             async with lock:
                 report = await _until_done(partial(pipeline.process, messages), len(messages))
-                if loop is not None:
-                    await _until_done(loop.publish_outbox, 0)
+                await _until_done(pipeline.publish, 0)
             BATCH_SECONDS.observe(time.perf_counter() - started)
             for outcome in ("accepted", "duplicates", "deadlettered"):
                 EVENTS.labels(outcome).inc(report.counters[outcome])
@@ -179,33 +176,17 @@ def build_app(settings: Settings) -> faust.App:
         @app.timer(1.0)
         async def close_idle_decisions() -> None:
             async with lock:
-                await _until_done(partial(_tick, the_loop, store), 0)
+                await _until_done(pipeline.tick, 0)
+                await _until_done(pipeline.publish, 0)
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
             gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
             async with lock:
                 the_loop.disown(gone)
+                checkpoint.disown(gone)
 
     return app
-
-
-async def _tick(loop: LearningLoop, store: RedisStore) -> Any:
-    batch = await loop.tick(int(time.time() * 1000))
-    if batch.join.closed or batch.default is not None:
-        try:
-            await store.commit(
-                users={},
-                catalog={},
-                applied_ids=[],
-                counters=batch.counters(),
-                extra=lambda pipe: loop.write(pipe, batch),
-            )
-        except Exception:
-            loop.forget_memory()  # reload the join from Redis, as it was before this tick
-            raise
-    await loop.publish_outbox()
-    return batch
 
 
 def _raw_topic(app: faust.App, name: str) -> Any:

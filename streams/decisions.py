@@ -60,19 +60,6 @@ class DecisionMaker:
         self.default_arm = default_arm
         self.rng = rng or np.random.default_rng()
         self.popularity: dict[str, float] = {}  # item_id -> decayed reward count (pre-filter)
-        self._records: dict[str, tuple[Action, dict[str, Any]]] = {}
-
-    def _action_record(self, action: Action) -> dict[str, Any]:
-        """``{"id", "features"}`` of an action for the decision record, built once per catalog
-        version of the item (the catalog makes new Action objects on change, never edits)."""
-        hit = self._records.get(action.id)
-        if hit is not None and hit[0] is action:
-            return hit[1]
-        record = {"id": action.id, "features": action.features}
-        if len(self._records) > 1_000_000:
-            self._records.clear()
-        self._records[action.id] = (action, record)
-        return record
 
     def policy_version(self, arm: str) -> str:
         policy = self.policies[arm]
@@ -121,7 +108,7 @@ class DecisionMaker:
             computed_at=now_ms,
             context=dict(context),
             user_features=features,
-            actions=[self._action_record(a) for a in candidates],
+            actions=[a.as_record() for a in candidates],  # built once per item version
             pmf=[float(p) for p in pmf],
             chosen=chosen,
         )

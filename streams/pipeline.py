@@ -1,36 +1,44 @@
-"""One batch of consumed messages → dead letters, user state, counters.
+"""One batch of consumed messages, from bytes to a committed plan.
 
-The commit path of a batch, in order (the offsets are acked by the caller only
-after ``process`` returned, so a crash anywhere replays the batch):
+The steps of a batch, in order (the caller acks the offsets only after
+:meth:`Pipeline.process` and :meth:`Pipeline.publish` returned, so a crash
+anywhere replays the batch):
 
-1. decode and validate every message (pure); a refused one becomes a
-   dead-letter record;
-2. drop events already applied: by an earlier batch (idempotency keys in
-   Redis) or earlier in this batch;
-3. read the touched users' hashes and the categories of the touched items;
-4. fold the events into the states (pure, ``streams.user_state``);
-5. send the dead letters to Kafka and wait for the broker's acknowledgement;
-6. write states, catalog entries, idempotency keys and counters in one Redis
-   transaction.
+1. decode and validate every message (pure, :func:`triage`); a refused one
+   becomes a dead-letter record; repeats within the batch are dropped;
+2. read, in one round trip, everything the batch needs: which events were
+   applied already (idempotency keys), the touched users' hashes, unknown
+   items' catalog entries (and the whole catalog when its reload is due), the
+   decisions the batch's views show, the open decisions of newly owned
+   partitions (:meth:`loopwise.streams.redis_store.RedisStore.read`);
+3. plan (pure, :func:`fold_users` and :meth:`loopwise.streams.loop.LearningLoop.plan`):
+   drop the applied events, fold the fresh ones into the states, join views
+   and rewards, close due decisions, decide for every touched user;
+4. commit the plan (:class:`loopwise.streams.checkpoint.Checkpoint`): dead
+   letters, then one Redis transaction, then the propensity-log outbox.
 
-A replayed batch re-sends its dead letters (at-least-once) and counts its
-applied events as duplicates; nothing is applied twice.
+A timer tick (:meth:`Pipeline.tick`) is steps 2-4 with no events: it closes
+decisions whose wall-clock window ended and refreshes ``nba:__default__``.
+A replayed batch counts its applied events as duplicates; nothing is applied
+twice.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import orjson
-from redis.asyncio.client import Pipeline
 
 from loopwise.config import Settings
+from loopwise.streams.catalog import Catalog
+from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
 from loopwise.streams.decoding import Event, Rejection, decode
-from loopwise.streams.loop import LearningLoop, LoopBatch
+from loopwise.streams.loop import LearningLoop
+from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.redis_store import RedisStore
 from loopwise.streams.user_state import StateRules, UserState, apply_event, group_by_user
 
@@ -44,9 +52,6 @@ class Message:
     topic: str
     partition: int
     offset: int
-
-
-DeadLetterSink = Callable[[list[tuple[bytes | None, bytes]]], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -67,7 +72,7 @@ class Triage:
 
 
 def triage(messages: Sequence[Message], max_bytes: int) -> Triage:
-    """Steps 1 and the in-batch half of 2: decode, validate, drop in-batch repeats."""
+    """Step 1: decode, validate, drop in-batch repeats."""
     counters: Counter[str] = Counter(consumed=len(messages))
     events: list[Event] = []
     partitions: list[int] = []
@@ -89,19 +94,58 @@ def triage(messages: Sequence[Message], max_bytes: int) -> Triage:
     return Triage(events, partitions, deadletters, counters)
 
 
-class UserStatePipeline:
-    """Applies batches to Redis; shared by the Faust worker and the benchmarks."""
+def item_features(events: Sequence[Event]) -> dict[str, dict[str, object]]:
+    """The catalog entries of a batch's item events: features plus the ``active`` flag."""
+    return {
+        e.item_id: {**e.raw["features"], "active": e.raw.get("active", True)}
+        for e in events
+        if e.type == "item"
+    }
+
+
+def fold_users(
+    events: Sequence[Event],
+    states: dict[str, UserState],
+    catalog: Catalog,
+    rules: StateRules,
+    plan: BatchPlan,
+) -> None:
+    """Step 3's fold (pure): the fresh events into the users' states, into ``plan.users``.
+
+    An event without consent erases the user (``None``) and stores nothing of it; a
+    user who then sends a consented event starts afresh (``plan.replaced``).
+    """
+    category = catalog.category
+    for user_id, user_events in group_by_user(events).items():
+        state: UserState | None = states.get(user_id) or UserState()
+        for event in user_events:
+            if not event.consent:
+                plan.counters["no_consent"] += 1
+                state = None  # erase what we had and store nothing of this event
+                continue
+            if state is None:
+                state = UserState()
+                plan.replaced.add(user_id)
+            apply_event(state, event, category(event.item_id), rules)
+        plan.users[user_id] = state
+
+
+class Pipeline:
+    """Runs batches and ticks through read → plan → commit; shared by the Faust worker and
+    the benchmarks. Without a :class:`LearningLoop` it keeps user state only."""
 
     def __init__(
         self,
         settings: Settings,
         store: RedisStore,
-        send_deadletters: DeadLetterSink,
+        checkpoint: Checkpoint,
+        catalog: Catalog,
         loop: LearningLoop | None = None,
     ):
         self.settings = settings
         self.store = store
-        self.send_deadletters = send_deadletters
+        self.checkpoint = checkpoint
+        self.catalog = catalog
         self.loop = loop
         self.rules = StateRules(
             recent_items=settings.recent_items,
@@ -110,11 +154,8 @@ class UserStatePipeline:
         )
 
     async def process(self, messages: Sequence[Message]) -> BatchReport:
-        """Apply one batch (steps 1-6); on failure nothing of it is in Redis, so retry it.
-
-        The learning loop's closed decisions are then in its outbox: call
-        ``loop.publish_outbox()`` after this returns.
-        """
+        """Steps 1-4 up to the Redis transaction; on failure nothing of the batch is in Redis,
+        so retry it. Then call :meth:`publish`."""
         try:
             return await self._process(messages)
         except Exception:
@@ -122,63 +163,64 @@ class UserStatePipeline:
                 self.loop.forget_memory()  # its in-memory join ran ahead of Redis
             raise
 
+    async def tick(self, now_ms: int | None = None) -> BatchPlan:
+        """A timer tick: close decisions due by wall clock, refresh the default; then
+        call :meth:`publish`."""
+        plan = BatchPlan()
+        if self.loop is None:
+            return plan
+        try:
+            inputs = await self.store.read(Reads(whole_catalog=self.catalog.refresh_due()))
+            self._take_catalog(inputs)
+            self.loop.plan_tick(plan, int(time.time() * 1000) if now_ms is None else now_ms)
+            await self.checkpoint.commit(plan)
+        except Exception:
+            self.loop.forget_memory()  # reload the join from Redis, as it was before this tick
+            raise
+        return plan
+
+    async def publish(self) -> int:
+        """Steps 3-4 of the checkpoint: the owned partitions' outboxes to the log."""
+        if self.loop is None:
+            return 0
+        return await self.checkpoint.publish(self.loop.partitions)
+
     async def _process(self, messages: Sequence[Message]) -> BatchReport:
         batch = triage(messages, self.settings.max_event_bytes)
-        counters = batch.counters
-        applied = await self.store.already_applied([e.event_id for e in batch.events])
-        fresh_with_partition = [
-            (e, p)
-            for e, p in zip(batch.events, batch.partitions, strict=True)
-            if e.event_id not in applied
-        ]
+        events = batch.events
+        reads = Reads(
+            event_ids=[e.event_id for e in events],
+            users=sorted({e.user_id for e in events if e.user_id is not None and e.type != "item"}),
+            items=self.catalog.unknown(e.item_id for e in events if e.type != "item"),
+            whole_catalog=self.catalog.refresh_due(),
+        )
+        with_partitions = list(zip(events, batch.partitions, strict=True))
+        if self.loop is not None:
+            self.loop.reads(with_partitions, reads)
+        inputs = await self.store.read(reads)
+        self._take_catalog(inputs)
+
+        plan = BatchPlan(deadletters=batch.deadletters, counters=batch.counters)
+        applied = inputs.applied
+        fresh_with_partition = [(e, p) for e, p in with_partitions if e.event_id not in applied]
         fresh = [e for e, _ in fresh_with_partition]
-        counters["duplicates"] += len(batch.events) - len(fresh)
-        counters["accepted"] += len(fresh)
+        plan.counters["duplicates"] += len(events) - len(fresh)
+        plan.counters["accepted"] += len(fresh)
+        plan.applied_ids = [e.event_id for e in fresh]
 
-        catalog = {
-            e.item_id: {**e.raw["features"], "active": e.raw.get("active", True)}
-            for e in fresh
-            if e.type == "item"
-        }
-        self.store.remember_catalog(catalog)
-        by_user = group_by_user(fresh)
-        states = await self.store.load_users(by_user)
-        categories = await self.store.categories({e.item_id for e in fresh if e.type != "item"})
-        users: dict[str, UserState | None] = {}
-        replaced: set[str] = set()
-        for user_id, events in by_user.items():
-            state: UserState | None = states[user_id]
-            for event in events:
-                if not event.consent:
-                    counters["no_consent"] += 1
-                    state = None  # erase what we had and store nothing of this event
-                    continue
-                if state is None:
-                    state = UserState()
-                    replaced.add(user_id)
-                apply_event(state, event, categories.get(event.item_id), self.rules)
-            users[user_id] = state
-
-        loop_batch = None
+        items = item_features(fresh)
+        self.catalog.update(items)
+        plan.catalog = {i: orjson.dumps(f) for i, f in items.items()}
+        fold_users(fresh, inputs.states, self.catalog, self.rules, plan)
         if self.loop is not None:
             now_ms = int(time.time() * 1000)
-            loop_batch = await self.loop.stage(fresh_with_partition, users, now_ms, catalog)
-            counters.update(loop_batch.counters())
+            self.loop.plan(plan, fresh_with_partition, plan.users, inputs, now_ms)
+        plan.counters["batches"] += 1
+        await self.checkpoint.commit(plan)
+        return BatchReport(plan.counters, fresh, set(plan.users))
 
-        if batch.deadletters:
-            await self.send_deadletters(batch.deadletters)
-        counters["batches"] += 1
-        await self.store.commit(
-            users=users,
-            replaced=replaced,
-            catalog={i: orjson.dumps(f) for i, f in catalog.items()},
-            applied_ids=[e.event_id for e in fresh],
-            counters=counters,
-            extra=None if loop_batch is None or self.loop is None else self._writer(loop_batch),
-        )
-        return BatchReport(counters, fresh, set(users))
-
-    def _writer(self, loop_batch: LoopBatch) -> Callable[[Pipeline], None]:
-        loop = self.loop
-        assert loop is not None
-        return lambda pipe: loop.write(pipe, loop_batch)
+    def _take_catalog(self, inputs: Inputs) -> None:
+        if inputs.catalog is not None:
+            self.catalog.replace(inputs.catalog)
+        if inputs.items:
+            self.catalog.merge(inputs.items)

@@ -142,7 +142,7 @@ class LocalInfra:
             raise InfraError("; ".join(errors))
 
     def status(self) -> dict[str, dict[str, Any]]:
-        """``{"kafka": {"bootstrap_servers", "up"}, "redis": {"url", "up"}}`` (docs/contracts.md)."""
+        """``{"kafka": {"bootstrap_servers", "up"}, "redis": {"url", "up"}}`` (the contract)."""
         return {
             "kafka": {"bootstrap_servers": self.bootstrap_servers, "up": self.kafka.is_up()},
             "redis": {"url": self.redis_url, "up": self.redis.is_up()},
