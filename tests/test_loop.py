@@ -1,0 +1,286 @@
+"""The batch's pure core and its commit, rule by rule: catalog, fold, loop plan, checkpoint.
+
+No Kafka, no Redis: the loop plans from what a batch read (``Inputs``), and the
+checkpoint is checked against a recording store, for the order of its steps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import orjson
+
+from loopwise.config import load_settings
+from loopwise.learners.features import render_action
+from loopwise.learners.policy import Action, ActionTable
+from loopwise.learners.popularity import PopularityPolicy
+from loopwise.streams.catalog import Catalog
+from loopwise.streams.checkpoint import Checkpoint
+from loopwise.streams.decisions import DecisionMaker
+from loopwise.streams.decoding import Event
+from loopwise.streams.loop import LearningLoop
+from loopwise.streams.pipeline import fold_users, item_features
+from loopwise.streams.plan import BatchPlan, Inputs, Reads
+from loopwise.streams.reward_join import Decision, OpenDecision, RewardJoin, RewardRule
+from loopwise.streams.user_state import StateRules, UserState
+
+WINDOW = 1000
+
+
+def ev(kind: str, ts: int, user: str | None = "u1", item: str = "i1", **raw: Any) -> Event:
+    body = {"type": kind, "user_id": user, "item_id": item, "timestamp": ts, **raw}
+    return Event(f"{kind}-{ts}-{user}-{item}", kind, user, item, ts, body)
+
+
+def catalog_of(*items: tuple[str, dict[str, Any]]) -> Catalog:
+    catalog = Catalog()
+    catalog.replace({i: orjson.dumps(f) for i, f in items})
+    return catalog
+
+
+def loop_with(catalog: Catalog) -> LearningLoop:
+    settings = load_settings(attribution_window_ms=WINDOW)
+    maker = DecisionMaker(
+        {"popularity": PopularityPolicy()},
+        lambda user: "popularity",
+        pmf_floor=0.01,
+        max_candidates=10,
+        default_arm="popularity",
+        rng=np.random.default_rng(0),
+    )
+    return LearningLoop(settings, maker, RewardJoin(WINDOW, RewardRule(default=-0.5)), catalog)
+
+
+def stored_decision(decision_id: str, user: str, item: str) -> Decision:
+    return Decision(
+        decision_id=decision_id,
+        user_id=user,
+        arm="popularity",
+        policy_version="popularity/popularity/0",
+        computed_at=0,
+        context={"device": "mobile"},
+        user_features={"user_id": user},
+        actions=[{"id": "i0", "features": {}}, {"id": item, "features": {}}],
+        pmf=[0.4, 0.6],
+        chosen=1,
+    )
+
+
+# ------------------------------------------------------------------ catalog
+
+
+def test_catalog_keeps_an_unchanged_items_action_across_reloads() -> None:
+    catalog = catalog_of(("a", {"category": "x"}), ("b", {"category": "y"}))
+    a, b = catalog.actions
+    render_action(a)  # derived once ...
+    catalog.replace({"a": orjson.dumps({"category": "x"}), "b": orjson.dumps({"category": "z"})})
+    a2, b2 = catalog.actions
+    assert a2 is a and "vw" in a2.derived  # ... and kept while the item does not change
+    assert b2 is not b and b2.features == {"category": "z"}
+    assert catalog.category("b") == "z"
+
+
+def test_catalog_reload_drops_removed_items_and_skips_inactive_ones() -> None:
+    catalog = catalog_of(("a", {"category": "x"}), ("b", {"category": "y", "active": False}))
+    assert [a.id for a in catalog.actions] == ["a"]
+    assert catalog.category("b") == "y"  # inactive items still give their category
+    version = catalog.version
+    catalog.replace({"b": orjson.dumps({"category": "y"})})
+    assert [a.id for a in catalog.actions] == ["b"] and catalog.category("a") is None
+    assert catalog.version > version
+
+
+def test_catalog_takes_a_batchs_items_at_once_and_unknown_ones_from_redis() -> None:
+    catalog = catalog_of(("a", {"category": "x"}))
+    events = [ev("item", 1, user=None, item="n", features={"category": ["odd"]}, active=True)]
+    catalog.update(item_features(events))
+    assert [a.id for a in catalog.actions] == ["a", "n"]
+    assert catalog.category("n") == "['odd']"  # any JSON value becomes a hashable category
+    assert catalog.unknown(["a", "n", "m", "m"]) == ["m"]
+    catalog.merge({"m": orjson.dumps({"category": "w"}), "q": None})
+    assert catalog.category("m") == "w" and catalog.unknown(["q"]) == ["q"]
+
+
+def test_action_table_makes_one_action_per_item_version() -> None:
+    table = ActionTable(max_items=2)
+    first = table.get("a", {"p": 1})
+    assert table.get("a", {"p": 1}) is first and table.version == 1
+    assert table.intern(Action("a", {"p": 1})) is first
+    second = table.get("a", {"p": 2})
+    assert second is not first and table.version == 2
+    fresh = Action("b", {})
+    assert table.intern(fresh) is fresh
+    table.get("c", {})  # past max_items it starts over
+    assert len(table) == 1
+    assert first.as_record() is first.as_record() == {"id": "a", "features": {"p": 1}}
+
+
+# --------------------------------------------------------------------- fold
+
+
+def test_fold_erases_on_withdrawn_consent_and_restarts_on_the_next_event() -> None:
+    catalog = catalog_of(("i1", {"category": "x"}))
+    plan = BatchPlan()
+    old = UserState(views=5)
+    events = [ev("view", 1), ev("view", 2, consent=False), ev("click", 3), ev("view", 4, "u2")]
+    fold_users(events, {"u1": old, "u2": UserState()}, catalog, StateRules(), plan)
+    u1, u2 = plan.users["u1"], plan.users["u2"]
+    assert u1 is not None and (u1.views, u1.clicks) == (0, 1)  # nothing before the withdrawal
+    assert plan.replaced == {"u1"} and plan.counters["no_consent"] == 1
+    assert u2 is not None and u2.views == 1 and set(u2.affinities) == {"x"}
+
+
+# --------------------------------------------------------------------- loop
+
+
+def test_loop_reads_new_partitions_and_the_decisions_views_show() -> None:
+    loop = loop_with(catalog_of(("i1", {})))
+    loop.own(1, [])
+    reads = Reads()
+    events = [(ev("view", 1, decision_id="d2"), 0), (ev("click", 2), 1), (ev("view", 3), 2)]
+    loop.reads(events, reads)
+    assert reads.join_partitions == [0, 2] and reads.decisions == ["d2"]
+
+
+def test_loop_plans_open_decide_and_default_then_a_tick_closes_into_the_outbox() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+    shown = stored_decision("d1", "u1", "i1")
+    view = ev("view", 100, decision_id="d1", propensity=0.6, context={"page": "home"})
+    events = [(view, 3), (ev("view", 120, "u2", "i0"), 3)]
+    states: dict[str, UserState | None] = {"u1": UserState(views=1), "u2": None}
+    plan = BatchPlan()
+    inputs = Inputs(decisions={"d1": shown}, joins={3: []})
+    loop.plan(plan, events, states, inputs, now_ms=10_000)
+
+    assert loop.partitions == {3}
+    assert list(plan.join_set) == [3] and set(plan.join_set[3]) == {"d1"}
+    assert plan.counters["decisions_opened"] == 1 and plan.counters["decisions_made"] == 1
+    assert plan.nba_removed == ["u2"]  # no consent: no decision, the old one erased
+    (nba,) = (orjson.loads(v) for v in plan.nba_set.values())
+    assert nba["user_id"] == "u1" and nba["last_event_id"] == view.event_id
+    assert nba["decision_id"] in plan.decisions_set and plan.default_nba is not None
+    assert not plan.outbox
+
+    tick = BatchPlan()
+    loop.plan_tick(tick, now_ms=10_000 + WINDOW + 1)  # wall clock: the window is over
+    assert tick.join_removed == {3: ["d1"]} and tick.decisions_removed == ["d1"]
+    (record,) = (orjson.loads(r) for r in tick.outbox[3])
+    assert record["decision_id"] == "d1" and record["reward"] == -0.5  # the default reward
+    assert record["context"] == {"page": "home"} and record["propensity"] == 0.6
+    assert tick.counters["decisions_closed"] == 1 and not loop.join.open
+
+
+def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
+    loop = loop_with(catalog_of(("i1", {})))
+    opened = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=2)
+    loop.plan(BatchPlan(), [], {}, Inputs(joins={2: [opened]}), now_ms=0)
+    assert set(loop.join.open) == {"d1"}
+    plan = BatchPlan()
+    loop.plan(plan, [(ev("click", 150, consent=False), 2)], {"u1": None}, Inputs(), now_ms=0)
+    assert plan.join_dropped == ["d1"] and plan.decisions_removed == ["d1"]
+    assert plan.owned_partitions == [2] and not plan.outbox and not plan.join_set
+
+
+def test_loop_without_items_decides_nothing_but_still_erases() -> None:
+    loop = loop_with(Catalog())
+    plan = BatchPlan()
+    states: dict[str, UserState | None] = {"u1": UserState(), "u2": None}
+    loop.plan(plan, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=0)
+    assert not plan.decisions_set and plan.default_nba is None and plan.nba_removed == ["u2"]
+
+
+def test_disown_forgets_the_partitions_open_decisions() -> None:
+    loop = loop_with(catalog_of(("i1", {})))
+    a = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=0)
+    b = OpenDecision(stored_decision("d2", "u2", "i1"), 100, 0, {}, partition=1)
+    loop.plan(BatchPlan(), [], {}, Inputs(joins={0: [a], 1: [b]}), now_ms=0)
+    loop.disown([1])
+    assert set(loop.join.open) == {"d1"} and loop.partitions == {0}
+    loop.forget_memory()
+    assert not loop.join.open and not loop.partitions
+
+
+# --------------------------------------------------------------- checkpoint
+
+
+class RecordingStore:
+    """Stands in for RedisStore's write side, recording the order of the calls."""
+
+    def __init__(self, calls: list[str], outbox: dict[int, list[bytes]]) -> None:
+        self.calls = calls
+        self.outbox = outbox
+
+    async def commit(self, plan: BatchPlan) -> None:
+        self.calls.append("redis")
+        for partition, records in plan.outbox.items():
+            self.outbox.setdefault(partition, []).extend(records)
+
+    async def outboxes(self, partitions: Iterable[int]) -> dict[int, list[bytes]]:
+        return {p: list(self.outbox.get(p, [])) for p in sorted(partitions)}
+
+    async def trim_outbox(self, partition: int, sent: int) -> None:
+        self.calls.append(f"trim {partition}:{sent}")
+        del self.outbox[partition][:sent]
+
+
+def record(decision_id: str, user: str = "u1") -> bytes:
+    return orjson.dumps({"decision_id": decision_id, "user_id": user})
+
+
+def test_checkpoint_commits_dead_letters_then_redis_then_the_log_then_trims() -> None:
+    calls: list[str] = []
+    store = RecordingStore(calls, {})
+    sent: list[tuple[int, bytes, bytes]] = []
+
+    async def deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
+        calls.append(f"deadletters {len(records)}")
+
+    async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
+        calls.append(f"log {len(records)}")
+        sent.extend(records)
+
+    async def tail(partition: int, n: int) -> set[str]:
+        return set()
+
+    checkpoint = Checkpoint(store, deadletters, send_log, tail)  # type: ignore[arg-type]
+    plan = BatchPlan(deadletters=[(b"k", b"{}")], outbox={1: [record("d1"), record("d2", "u2")]})
+
+    async def run() -> None:
+        await checkpoint.commit(plan)
+        await checkpoint.publish({0, 1})
+        await checkpoint.commit(BatchPlan())  # nothing to write: no transaction
+
+    asyncio.run(run())
+    assert calls == ["deadletters 1", "redis", "log 2", "trim 1:2"]
+    assert [(p, k) for p, k, _ in sent] == [(1, b"u1"), (1, b"u2")]
+
+
+def test_checkpoint_skips_what_a_crash_left_on_the_log_on_the_first_publish_only() -> None:
+    calls: list[str] = []
+    store = RecordingStore(calls, {0: [record("d1"), record("d2"), record("d3")]})
+    sent: list[bytes] = []
+    tails: list[int] = []
+
+    async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
+        sent.extend(orjson.loads(v)["decision_id"] for _, _, v in records)
+
+    async def tail(partition: int, n: int) -> set[str]:
+        tails.append(n)
+        return {"d1", "d2"}  # sent before the crash, not yet trimmed
+
+    async def deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
+        raise AssertionError("no dead letters here")
+
+    checkpoint = Checkpoint(store, deadletters, send_log, tail)  # type: ignore[arg-type]
+
+    async def run() -> None:
+        await checkpoint.publish([0])
+        store.outbox[0].append(record("d1"))  # the same id again later is a new record
+        await checkpoint.publish([0])
+
+    asyncio.run(run())
+    assert sent == ["d3", "d1"] and tails == [3]  # the log's tail is read once per partition
+    assert calls == ["trim 0:3", "trim 0:1"] and store.outbox[0] == []
