@@ -60,12 +60,12 @@ class Catalog:
         items = self.items
         return sorted({i for i in item_ids if i not in items})
 
-    def replace(self, raw: Mapping[bytes | str, bytes | str]) -> None:
+    def replace(self, raw: Mapping[bytes, bytes] | Mapping[str, bytes]) -> None:
         """Take the whole catalog hash as read from Redis."""
         self._merge(raw, whole=True)
         self._loaded_at = time.monotonic()
 
-    def merge(self, raw: Mapping[bytes | str, bytes | str | None]) -> None:
+    def merge(self, raw: Mapping[str, bytes | None]) -> None:
         """Take some entries of the catalog hash (``None``: not in Redis either)."""
         self._merge({k: v for k, v in raw.items() if v is not None}, whole=False)
 
@@ -86,7 +86,7 @@ class Catalog:
         else:
             self.inactive.discard(item_id)
 
-    def _merge(self, raw: Mapping[bytes | str, bytes | str], *, whole: bool) -> None:
+    def _merge(self, raw: Mapping[Any, bytes | str], *, whole: bool) -> None:
         known = self._raw
         seen: set[str] = set()
         changed = False
