@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from functools import partial
 from typing import Any
 
 import faust
@@ -36,6 +35,7 @@ from loopwise.learners.arms import ArmAssigner
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
+from loopwise.streams.errors import ERRORS, is_transient, retry
 from loopwise.streams.learner import Learner, build_policies
 from loopwise.streams.log_tail import decision_ids_at_tail
 from loopwise.streams.loop import LearningLoop
@@ -48,7 +48,6 @@ log = logging.getLogger("loopwise.worker")
 EVENTS = PromCounter("loopwise_events_total", "consumed events by outcome", ["outcome"])
 BATCH_SECONDS = Histogram("loopwise_batch_seconds", "time to apply one batch to Redis")
 LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned")
-RETRY_DELAYS = (0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def build_app(settings: Settings) -> faust.App:
@@ -135,8 +134,8 @@ def build_app(settings: Settings) -> faust.App:
             ]
             started = time.perf_counter()
             async with lock:
-                report = await _until_done(partial(pipeline.process, messages), len(messages))
-                await _until_done(pipeline.publish, 0)
+                report = await pipeline.process_isolating(messages, retry)
+                await retry(pipeline.publish, "publishing the outbox", transient_only=False)
             BATCH_SECONDS.observe(time.perf_counter() - started)
             for outcome in ("accepted", "duplicates", "deadlettered"):
                 EVENTS.labels(outcome).inc(report.counters[outcome])
@@ -154,7 +153,7 @@ def build_app(settings: Settings) -> faust.App:
             async with learner_lock:
                 if not learned_unacked or not the_learner.snapshot_due():
                     return
-                await _until_done(the_learner.snapshot, 0)
+                await retry(the_learner.snapshot, "model snapshot", transient_only=False)
                 for event in learned_unacked:
                     await log_stream[0].ack(event)
                 learned_unacked.clear()
@@ -175,9 +174,13 @@ def build_app(settings: Settings) -> faust.App:
 
         @app.timer(1.0)
         async def close_idle_decisions() -> None:
-            async with lock:
-                await _until_done(pipeline.tick, 0)
-                await _until_done(pipeline.publish, 0)
+            async with lock:  # never retried inside the lock: the next tick tries again
+                try:
+                    await pipeline.tick()
+                    await pipeline.publish()
+                except Exception as exc:
+                    ERRORS.labels("transient" if is_transient(exc) else "timer").inc()
+                    log.error("timer tick failed; the next one tries again", exc_info=exc)
 
         @app.on_partitions_revoked.connect  # type: ignore[arg-type]
         async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
@@ -194,18 +197,3 @@ def _raw_topic(app: faust.App, name: str) -> Any:
     return app.topic(
         name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw"
     )
-
-
-async def _until_done(work: Any, size: int) -> Any:
-    """Run ``work`` until it succeeds, with backoff: a batch is never skipped, only delayed."""
-    attempt = 0
-    while True:
-        try:
-            return await work()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:  # Redis or Kafka unavailable: wait, then replay the batch
-            delay = RETRY_DELAYS[min(attempt, len(RETRY_DELAYS) - 1)]
-            log.warning("work on %d messages failed (%r); retrying in %.1fs", size, exc, delay)
-            attempt += 1
-            await asyncio.sleep(delay)

@@ -22,6 +22,8 @@ REASONS: Final = {
     "missing_field": "a required field is absent or null",
     "unknown_type": "`type` is not one of view, click, purchase, item",
     "out_of_range": "a value is outside its allowed range (empty id, negative price, …)",
+    "processing_error": "valid, but processing it failed again and again (the error is in "
+    "`detail`); isolated from its batch so that the stream goes on",
 }
 
 MAX_ID_CHARS: Final = 256
@@ -131,8 +133,9 @@ def validate(doc: dict[str, Any]) -> Event:
     features = doc.get("features")
     if kind == "item" and features is None:
         raise _Invalid("missing_field", "features", "required on an item event")
-    if features is not None and not isinstance(features, dict):
-        raise _Invalid("wrong_type", "features", f"must be an object, got {_json_type(features)}")
+    if features is not None:
+        # Catalog features feed categories, VW namespaces and hashing: scalars only, as context.
+        _flat_object(features, "features")
     return Event(event_id, kind, user_id, item_id, timestamp, doc)
 
 

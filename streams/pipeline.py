@@ -21,13 +21,19 @@ A timer tick (:meth:`Pipeline.tick`) is steps 2-4 with no events: it closes
 decisions whose wall-clock window ended and refreshes ``nba:__default__``.
 A replayed batch counts its applied events as duplicates; nothing is applied
 twice.
+
+Errors split by kind (:mod:`loopwise.streams.errors`): a transient failure is
+retried with backoff; any other failure of a batch is the input's, and
+:meth:`Pipeline.process_isolating` bisects the batch until the message that
+causes it stands alone, then dead-letters it (``processing_error``) and goes on.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import orjson
@@ -37,10 +43,15 @@ from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
 from loopwise.streams.decoding import Event, Rejection, decode
+from loopwise.streams.errors import ERRORS
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.redis_store import RedisStore
 from loopwise.streams.user_state import StateRules, UserState, apply_event, group_by_user
+
+log = logging.getLogger("loopwise.pipeline")
+
+Retry = Callable[[Callable[[], Awaitable["BatchReport"]], str], Awaitable["BatchReport"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +72,12 @@ class BatchReport:
     counters: Counter[str] = field(default_factory=Counter)
     accepted: list[Event] = field(default_factory=list)
     touched_users: set[str] = field(default_factory=set)
+
+    def add(self, other: BatchReport) -> BatchReport:
+        self.counters.update(other.counters)
+        self.accepted.extend(other.accepted)
+        self.touched_users |= other.touched_users
+        return self
 
 
 @dataclass(slots=True)
@@ -162,6 +179,44 @@ class Pipeline:
             if self.loop is not None:
                 self.loop.forget_memory()  # its in-memory join ran ahead of Redis
             raise
+
+    async def process_isolating(self, messages: Sequence[Message], retry: Retry) -> BatchReport:
+        """:meth:`process`, with ``retry`` for transient failures; a failure of any other kind
+        is the input's: the batch is bisected (halves in order) until the message that fails
+        alone, twice, is dead-lettered with reason ``processing_error``."""
+        what = f"batch of {len(messages)} messages"
+        try:
+            return await retry(lambda: self.process(messages), what)
+        except Exception as exc:
+            ERRORS.labels("input").inc()
+            if len(messages) > 1:
+                log.error("%s failed; isolating the message that causes it", what, exc_info=exc)
+                half = len(messages) // 2
+                report = await self.process_isolating(messages[:half], retry)
+                return report.add(await self.process_isolating(messages[half:], retry))
+            try:  # alone: once more, in case it was not the message's fault after all
+                return await retry(lambda: self.process(messages), what)
+            except Exception as again:
+                return await self._deadletter_failure(messages[0], again, retry)
+
+    async def _deadletter_failure(
+        self, message: Message, exc: Exception, retry: Retry
+    ) -> BatchReport:
+        where = f"{message.topic}/{message.partition}@{message.offset}"
+        log.error("message %s fails to process: dead-lettered", where, exc_info=exc)
+        detail = f"{type(exc).__name__}: {exc}"
+        source = Source(message.topic, message.partition, message.offset)
+        record = deadletter_record(
+            Rejection("processing_error", None, detail), source, message.value
+        )
+        counters = Counter({"consumed": 1, "deadlettered": 1, "deadletter:processing_error": 1})
+        plan = BatchPlan(deadletters=[(message.key, record)], counters=counters)
+
+        async def commit() -> BatchReport:
+            await self.checkpoint.commit(plan)
+            return BatchReport(counters)
+
+        return await retry(commit, f"dead letter of {where}")
 
     async def tick(self, now_ms: int | None = None) -> BatchPlan:
         """A timer tick: close decisions due by wall clock, refresh the default; then

@@ -69,6 +69,9 @@ def test_a_valid_view_decodes_to_an_event() -> None:
         (with_(consent="no"), "wrong_type", "consent"),
         (with_(type="item", user_id=DROP), "missing_field", "features"),
         (with_(type="item", features=[1]), "wrong_type", "features"),
+        (with_(type="item", features={"category": {"a": 1}}), "wrong_type", "features.category"),
+        (with_(type="item", features={"category": ["a"]}), "wrong_type", "features.category"),
+        (with_(type="item", features={"brand": None}), "wrong_type", "features.brand"),
     ],
 )
 def test_each_broken_rule_is_named(raw: bytes, reason: str, field: str | None) -> None:
@@ -131,3 +134,15 @@ def test_deadletter_record_keeps_the_original_bytes_and_source() -> None:
     assert record["source"] == {"topic": "loopwise.events", "partition": 3, "offset": 42}
     assert original_bytes(record) == raw
     assert base64.b64decode(record["original_b64"]) == raw
+    assert record["original_size"] == len(raw) and record["original_truncated"] is False
+
+
+def test_a_deadletter_record_of_a_huge_message_fits_the_broker() -> None:
+    raw = b"x" * 1_000_000  # near Kafka's default 1 MiB limit: base64 alone would exceed it
+    rejection = decode(raw, max_bytes=2_000_000)
+    assert isinstance(rejection, Rejection)
+    blob = deadletter_record(rejection, Source("loopwise.events", 0, 7), raw)
+    assert len(blob) < 512 * 1024
+    record = orjson.loads(blob)
+    assert record["original_truncated"] is True and record["original_size"] == 1_000_000
+    assert original_bytes(record) == raw[: len(original_bytes(record))]

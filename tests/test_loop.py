@@ -284,3 +284,113 @@ def test_checkpoint_skips_what_a_crash_left_on_the_log_on_the_first_publish_only
     asyncio.run(run())
     assert sent == ["d3", "d1"] and tails == [3]  # the log's tail is read once per partition
     assert calls == ["trim 0:3", "trim 0:1"] and store.outbox[0] == []
+
+
+# ------------------------------------------------------- errors split by kind
+
+
+class FakeStore:
+    """Reads nothing, records each committed plan (the Redis side of the checkpoint)."""
+
+    def __init__(self) -> None:
+        self.plans: list[BatchPlan] = []
+
+    async def read(self, reads: Reads) -> Inputs:
+        return Inputs(joins={p: [] for p in reads.join_partitions})
+
+    async def commit(self, plan: BatchPlan) -> None:
+        self.plans.append(plan)
+
+
+class PoisonedPolicy(PopularityPolicy):
+    """Fails on one user, as a bug triggered by one input would."""
+
+    def pmf(self, shared: Any, actions: Any) -> Any:
+        if shared["user"]["user_id"] == "poison":
+            raise TypeError("unhashable type: 'dict'")
+        return super().pmf(shared, actions)
+
+
+def _pipeline_with_poison() -> tuple[Any, FakeStore, list[tuple[bytes | None, bytes]]]:
+    from loopwise.streams.pipeline import Pipeline
+
+    store = FakeStore()
+    dead: list[tuple[bytes | None, bytes]] = []
+
+    async def deadletters(records: list[tuple[bytes | None, bytes]]) -> None:
+        dead.extend(records)
+
+    loop = loop_with(catalog_of(("i1", {})))
+    loop.maker.policies = {"popularity": PoisonedPolicy()}
+    settings = load_settings(attribution_window_ms=WINDOW)
+    pipeline = Pipeline(
+        settings,
+        store,
+        Checkpoint(store, deadletters),
+        loop.catalog,
+        loop,  # type: ignore[arg-type]
+    )
+    return pipeline, store, dead
+
+
+def _message(offset: int, user: str) -> Any:
+    from loopwise.streams.pipeline import Message
+
+    body = {
+        "event_id": f"e{offset}",
+        "type": "view",
+        "user_id": user,
+        "item_id": "i1",
+        "timestamp": 1000 + offset,
+    }
+    return Message(user.encode(), orjson.dumps(body), "events", 0, offset)
+
+
+async def _no_retry(work: Any, what: str) -> Any:
+    return await work()
+
+
+def test_a_message_that_fails_processing_is_isolated_and_deadlettered_alone() -> None:
+    pipeline, store, dead = _pipeline_with_poison()
+    users = [f"u{i}" for i in range(13)]
+    users[9] = "poison"
+    messages = [_message(i, u) for i, u in enumerate(users)]
+    report = asyncio.run(pipeline.process_isolating(messages, _no_retry))
+
+    assert len(dead) == 1
+    record = orjson.loads(dead[0][1])
+    assert record["reason"] == "processing_error" and "TypeError" in record["detail"]
+    assert record["source"]["offset"] == 9 and dead[0][0] == b"poison"
+    assert report.counters["consumed"] == 13 == report.counters["accepted"] + 1
+    assert report.counters["deadletter:processing_error"] == 1
+    committed = [u for plan in store.plans for u in plan.users]
+    assert sorted(committed) == sorted(u for u in users if u != "poison")  # each good one once
+
+
+def test_transient_failures_are_retried_not_isolated() -> None:
+    import redis.exceptions
+
+    pipeline, store, dead = _pipeline_with_poison()
+    failures = [redis.exceptions.ConnectionError("Redis went away")] * 2
+    attempts: list[int] = []
+
+    async def flaky_read(reads: Reads) -> Inputs:
+        attempts.append(1)
+        if failures:
+            raise failures.pop()
+        return Inputs(joins={p: [] for p in reads.join_partitions})
+
+    store.read = flaky_read  # type: ignore[method-assign]
+
+    async def retry(work: Any, what: str) -> Any:
+        from loopwise.streams.errors import is_transient
+
+        while True:
+            try:
+                return await work()
+            except Exception as exc:
+                if not is_transient(exc):
+                    raise
+
+    report = asyncio.run(pipeline.process_isolating([_message(0, "u1")], retry))
+    assert len(attempts) == 3 and not dead and report.counters["accepted"] == 1
