@@ -1,9 +1,16 @@
-"""The non-personalized holdout policy: decayed item popularity, epsilon exploration.
+"""Item popularity with decay, and the non-personalized holdout policy built on it.
 
-For every item the policy keeps exponentially decayed sums of impressions
-``n_i`` and rewards ``r_i``; each learned example multiplies every sum by
-``2 ** (-1 / half_life)`` (decay by examples, so a busy and a quiet stream
-forget at the same pace per decision). Its score is the smoothed reward rate::
+* :class:`ItemPopularity` -- per-item sums that halve every ``half_life`` updates
+  (O(1) per update). The candidate pre-filter ranks items by their decayed
+  reward (:mod:`loopwise.streams.decisions`, counted by :mod:`loopwise.streams.learner`);
+  the holdout keeps two of them, impressions and rewards.
+* :class:`PopularityPolicy` -- the holdout arm: the smoothed reward rate of
+  every item, epsilon exploration.
+
+For every item the policy keeps decayed sums of impressions ``n_i`` and rewards
+``r_i`` (two :class:`ItemPopularity`, aged by one step per learned example, so a
+busy and a quiet stream forget at the same pace per decision). Its score is the
+smoothed reward rate::
 
     score_i = (r_i + m * mu) / (n_i + m),     mu = sum_j r_j / sum_j n_j
 
@@ -21,8 +28,10 @@ acceptable for a holdout baseline and avoided by feeding it its own arm's logs.
 
 from __future__ import annotations
 
+import heapq
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -30,7 +39,117 @@ import orjson
 
 from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
-__all__ = ["PopularityPolicy"]
+__all__ = ["ItemPopularity", "PopularityPolicy"]
+
+
+class ItemPopularity:
+    """Per-item sums that halve every ``half_life`` updates.
+
+    The clock counts updates, not time. Every :meth:`update` adds its amount to
+    one item, then ages every item by one step, a factor ``2 ** (-1 / half_life)``.
+    After ``n`` updates an item's score is::
+
+        score_i = sum over the updates u of item i:  a_u * 2 ** (-(n - u) / half_life)
+
+    with ``u = 0, 1, ...`` numbering all updates (so the latest amount has aged
+    one step). Items never updated score 0; ``half_life=math.inf`` never forgets.
+
+    An update is O(1): instead of scaling every item down, amounts are stored
+    scaled up by ``2 ** (clock / half_life)`` and read back scaled down; the
+    stored values are folded back to scale 1 (O(items)) every ``64 * half_life``
+    updates, far from overflow. :attr:`total` and :meth:`max_score` are O(1) too
+    (the latter amortized: a negative amount makes it rescan once).
+
+    Example::
+
+        >>> pop = ItemPopularity(half_life=1)
+        >>> pop.update("a", 4.0)
+        >>> pop.update("b", 1.0)
+        >>> pop.score("a"), pop.score("b"), pop.total
+        (1.0, 0.5, 1.5)
+        >>> pop.top(1)
+        [('a', 1.0)]
+    """
+
+    def __init__(self, half_life: float) -> None:
+        if not half_life > 0:
+            raise ValueError(f"half_life={half_life} must be > 0 (math.inf never forgets)")
+        self.half_life = float(half_life)
+        self._decay = 2.0 ** (-1.0 / self.half_life)
+        self._weights: dict[str, float] = {}  # score * 2 ** (clock / half_life)
+        self._clock = 0.0
+        self._total = 0.0  # at scale 1: aged eagerly, one multiplication per update
+        self._max_weight: float | None = 0.0  # max of _weights (0 if empty); None: rescan
+
+    @classmethod
+    def from_scores(
+        cls, scores: Mapping[str, float], half_life: float, total: float | None = None
+    ) -> ItemPopularity:
+        """Items with these scores now (``total`` defaults to their sum), e.g. from a snapshot."""
+        popularity = cls(half_life)
+        popularity._weights = {str(item): float(score) for item, score in scores.items()}
+        popularity._total = float(sum(popularity._weights.values()) if total is None else total)
+        popularity._max_weight = None
+        return popularity
+
+    @property
+    def total(self) -> float:
+        """The decayed sum of every amount, all items together."""
+        return self._total
+
+    def update(self, item_id: str, amount: float = 1.0) -> None:
+        """Add ``amount`` to ``item_id``, then age every item by one step."""
+        if amount:
+            stored = amount * 2.0 ** (self._clock / self.half_life)
+            weight = self._weights[item_id] = self._weights.get(item_id, 0.0) + stored
+            if self._max_weight is not None:
+                self._max_weight = max(self._max_weight, weight) if amount > 0 else None
+        self._total = (self._total + amount) * self._decay
+        self._clock += 1.0
+        if self._clock >= 64.0 * self.half_life:
+            self._rescale()
+
+    def score(self, item_id: str) -> float:
+        """The decayed sum of ``item_id`` (0 for an item never updated)."""
+        return self._weights.get(item_id, 0.0) * self._scale()
+
+    def scores(self, item_ids: Iterable[str]) -> FloatArray:
+        """:meth:`score` of every item, in order."""
+        stored = self._weights.get
+        out: FloatArray = np.array([stored(i, 0.0) for i in item_ids], dtype=np.float64)
+        out *= self._scale()
+        return out
+
+    def max_score(self) -> float:
+        """The largest score of any item (0 if there is none)."""
+        if self._max_weight is None:
+            self._max_weight = max(self._weights.values(), default=0.0)
+        return self._max_weight * self._scale()
+
+    def top(self, k: int) -> list[tuple[str, float]]:
+        """The ``k`` best items, ``[(item_id, score)]``, best first (ties: first seen first)."""
+        scale = self._scale()
+        best = heapq.nlargest(k, self._weights.items(), key=itemgetter(1))
+        return [(item, weight * scale) for item, weight in best]
+
+    def to_dict(self) -> dict[str, float]:
+        """Every item's score (for a snapshot; :meth:`from_scores` reads it back)."""
+        self._rescale()
+        return dict(self._weights)
+
+    def _scale(self) -> float:
+        return 2.0 ** (-self._clock / self.half_life)
+
+    def _rescale(self) -> None:
+        """Fold the clock into the stored sums (clock back to 0); scores are unchanged."""
+        if self._clock == 0.0:
+            return
+        scale = self._scale()
+        for item, weight in self._weights.items():
+            scaled = weight * scale
+            self._weights[item] = scaled if math.isfinite(scaled) else 0.0
+        self._clock = 0.0
+        self._max_weight = None
 
 
 class PopularityPolicy:
@@ -51,6 +170,7 @@ class PopularityPolicy:
 
         >>> policy = PopularityPolicy(epsilon=0.1, top_k=1)
         >>> acts = [Action("a", {}), Action("b", {})]
+        >>> policy.learn({}, acts, chosen=0, propensity=0.5, reward=0.0)
         >>> policy.learn({}, acts, chosen=1, propensity=0.5, reward=1.0)
         >>> policy.default_pmf(acts).round(2).tolist()
         [0.05, 0.95]
@@ -77,13 +197,8 @@ class PopularityPolicy:
         self.top_k = int(top_k)
         self.half_life = float(half_life)
         self.prior_strength = float(prior_strength)
-        # Sums are stored undecayed-at-clock 0 scale: value * 2 ** (clock / half_life).
-        # Reading multiplies by 2 ** (-clock / half_life); rescaled before it overflows.
-        self._impressions: dict[str, float] = {}
-        self._rewards: dict[str, float] = {}
-        self._total_impressions = 0.0
-        self._total_rewards = 0.0
-        self._clock = 0.0
+        self._impressions = ItemPopularity(self.half_life)
+        self._rewards = ItemPopularity(self.half_life)  # aged in step with the impressions
         self._version = 0
 
     @property
@@ -93,15 +208,13 @@ class PopularityPolicy:
 
     def scores(self, actions: Sequence[Action]) -> FloatArray:
         """Smoothed reward rate of every action (higher is better)."""
-        n_total, r_total = self._total_impressions, self._total_rewards
+        n_total, r_total = self._impressions.total, self._rewards.total
         mu = r_total / n_total if n_total > 0 else 0.0
-        scale = 2.0 ** (-self._clock / self.half_life)
         m = self.prior_strength
-        out = np.empty(len(actions), dtype=np.float64)
-        for i, action in enumerate(actions):
-            n = self._impressions.get(action.id, 0.0) * scale
-            r = self._rewards.get(action.id, 0.0) * scale
-            out[i] = (r + m * mu) / (n + m) if n + m > 0 else 0.0
+        items = [action.id for action in actions]
+        n, r = self._impressions.scores(items), self._rewards.scores(items)
+        out: FloatArray = np.zeros(len(actions), dtype=np.float64)
+        np.divide(r + m * mu, n + m, out=out, where=n + m > 0)
         return out
 
     def default_pmf(self, actions: Sequence[Action]) -> FloatArray:
@@ -135,21 +248,11 @@ class PopularityPolicy:
 
     def observe(self, item_id: str, reward: float = 0.0, impressions: float = 1.0) -> None:
         """Add impressions and reward of an item (organic traffic too), then age every count."""
-        weight = 2.0 ** (self._clock / self.half_life)
-        self._impressions[item_id] = self._impressions.get(item_id, 0.0) + impressions * weight
-        self._rewards[item_id] = self._rewards.get(item_id, 0.0) + reward * weight
-        self._total_impressions += impressions
-        self._total_rewards += reward
-        decay = 2.0 ** (-1.0 / self.half_life)
-        self._total_impressions *= decay
-        self._total_rewards *= decay
-        self._clock += 1.0
-        if self._clock >= 64.0 * self.half_life:  # keep the stored weights far from overflow
-            self._rescale()
+        self._impressions.update(item_id, impressions)
+        self._rewards.update(item_id, reward)
 
     def snapshot(self) -> bytes:
         """Header + the counts as JSON."""
-        self._rescale()
         params = {
             "epsilon": self.epsilon,
             "top_k": self.top_k,
@@ -157,10 +260,10 @@ class PopularityPolicy:
             "prior_strength": self.prior_strength,
         }
         state = {
-            "impressions": self._impressions,
-            "rewards": self._rewards,
-            "total_impressions": self._total_impressions,
-            "total_rewards": self._total_rewards,
+            "impressions": self._impressions.to_dict(),
+            "rewards": self._rewards.to_dict(),
+            "total_impressions": self._impressions.total,
+            "total_rewards": self._rewards.total,
         }
         return pack_snapshot(self.name, params, self._version, orjson.dumps(state))
 
@@ -168,20 +271,12 @@ class PopularityPolicy:
     def _from_snapshot(cls, header: Mapping[str, Any], payload: bytes) -> PopularityPolicy:
         policy = cls(**header["params"])
         state = orjson.loads(payload)
-        policy._impressions = {k: float(v) for k, v in state["impressions"].items()}
-        policy._rewards = {k: float(v) for k, v in state["rewards"].items()}
-        policy._total_impressions = float(state["total_impressions"])
-        policy._total_rewards = float(state["total_rewards"])
+        half_life = policy.half_life
+        policy._impressions = ItemPopularity.from_scores(
+            state["impressions"], half_life, total=state["total_impressions"]
+        )
+        policy._rewards = ItemPopularity.from_scores(
+            state["rewards"], half_life, total=state["total_rewards"]
+        )
         policy._version = int(header["version"])
         return policy
-
-    def _rescale(self) -> None:
-        """Fold the clock into the stored sums (clock back to 0); values are unchanged."""
-        if self._clock == 0.0:
-            return
-        scale = 2.0 ** (-self._clock / self.half_life)
-        for table in (self._impressions, self._rewards):
-            for key, value in table.items():
-                scaled = value * scale
-                table[key] = scaled if math.isfinite(scaled) else 0.0
-        self._clock = 0.0

@@ -11,6 +11,7 @@ evaluation stays possible), samples ``chosen`` from it and stamps a fresh
 from __future__ import annotations
 
 import heapq
+import math
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -19,10 +20,13 @@ import numpy as np
 import orjson
 
 from loopwise.learners.policy import Action, Policy, apply_floor, sample
+from loopwise.learners.popularity import ItemPopularity
 from loopwise.streams.reward_join import Decision
 from loopwise.streams.user_state import UserState
 
 DEFAULT_USER = "__default__"
+# The pre-filter's popularity halves every ~693 learned examples (a decay of 0.999 per example).
+POPULARITY_HALF_LIFE = -1.0 / math.log2(0.999)
 
 
 def user_features(user_id: str, state: UserState | None) -> dict[str, Any]:
@@ -59,7 +63,8 @@ class DecisionMaker:
         self.max_candidates = max_candidates
         self.default_arm = default_arm
         self.rng = rng or np.random.default_rng()
-        self.popularity: dict[str, float] = {}  # item_id -> decayed reward count (pre-filter)
+        # Decayed reward per item, for the pre-filter; the learner counts it (shared object).
+        self.popularity = ItemPopularity(POPULARITY_HALF_LIFE)
 
     def policy_version(self, arm: str) -> str:
         policy = self.policies[arm]
@@ -70,18 +75,21 @@ class DecisionMaker:
         if len(actions) <= self.max_candidates:
             return list(actions)
 
-        top = max(self.popularity.values(), default=0.0) or 1.0
-        popularity = self.popularity
+        # Both terms in [0, 1]: popularity relative to the most popular item, affinity share.
+        best = self.popularity.max_score() or 1.0
+        scores = (self.popularity.scores([a.id for a in actions]) / best).tolist()
         affinity = {  # the user's affinity share per category, looked up once per decision
             name[4:]: float(value) for name, value in features.items() if name.startswith("aff:")
         }
-
-        def score(action: Action) -> float:  # both terms in [0, 1]: scale-free popularity
-            share = affinity.get(str(action.features.get("category")), 0.0) if affinity else 0.0
-            return popularity.get(action.id, 0.0) / top + share
+        if affinity:
+            scores = [
+                popularity + affinity.get(str(action.features.get("category")), 0.0)
+                for popularity, action in zip(scores, actions, strict=True)
+            ]
 
         # The same order as a stable sort by descending score, top max_candidates only.
-        return heapq.nlargest(self.max_candidates, actions, key=score)
+        top = heapq.nlargest(self.max_candidates, range(len(actions)), key=scores.__getitem__)
+        return [actions[i] for i in top]
 
     def decide(
         self,

@@ -29,11 +29,11 @@ import redis.asyncio as aioredis
 
 from loopwise.config import Settings
 from loopwise.learners.policy import Action, Policy, restore
+from loopwise.learners.popularity import ItemPopularity
 from loopwise.learners.river_models import RewardMonitor
+from loopwise.streams.decisions import POPULARITY_HALF_LIFE
 
 log = logging.getLogger("loopwise.learner")
-
-POPULARITY_DECAY = 0.999  # per learned example, for the candidate pre-filter
 
 
 def build_policies(settings: Settings) -> dict[str, Policy]:
@@ -65,17 +65,19 @@ class Learner:
         settings: Settings,
         client: aioredis.Redis,
         policies: MutableMapping[str, Policy],
-        popularity: MutableMapping[str, float] | None = None,
+        popularity: ItemPopularity | None = None,
     ) -> None:
         self.settings = settings
         self.client = client
         self.policies = policies
-        self.popularity = popularity if popularity is not None else {}
+        # The pre-filter's popularity (shared with DecisionMaker.popularity): decayed rewards.
+        self.popularity = (
+            popularity if popularity is not None else ItemPopularity(POPULARITY_HALF_LIFE)
+        )
         self.offsets: dict[int, int] = {}
         self.learned = 0
         self.skipped = 0
         self._snapshot_at = time.monotonic()
-        self._popularity_scale = 1.0
         self.monitors: dict[str, RewardMonitor] = {}
 
     @property
@@ -131,16 +133,9 @@ class Learner:
         return learned
 
     def _count_popularity(self, item_id: str, reward: float) -> None:
-        # Decay every item by POPULARITY_DECAY per example, lazily: new rewards are scaled up
-        # instead, which keeps the ranking (all the pre-filter uses) in O(1) per example.
-        self._popularity_scale *= POPULARITY_DECAY
-        if self._popularity_scale < 1e-100:
-            for key in self.popularity:
-                self.popularity[key] *= self._popularity_scale
-            self._popularity_scale = 1.0
-        if reward > 0:
-            gain = reward / self._popularity_scale
-            self.popularity[item_id] = self.popularity.get(item_id, 0.0) + gain
+        # Every learned example ages the counts by one step, rewarded or not; a negative
+        # reward (a configurable penalty) counts as none: items are ranked by their wins.
+        self.popularity.update(item_id, max(reward, 0.0))
 
     def _watch(self, arm: str, reward: float) -> None:
         monitor = self.monitors.get(arm)

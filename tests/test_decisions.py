@@ -6,8 +6,8 @@ import numpy as np
 import orjson
 
 from loopwise.learners.policy import Action
-from loopwise.learners.popularity import PopularityPolicy
-from loopwise.streams.decisions import DecisionMaker, nba_json, user_features
+from loopwise.learners.popularity import ItemPopularity, PopularityPolicy
+from loopwise.streams.decisions import POPULARITY_HALF_LIFE, DecisionMaker, nba_json, user_features
 from loopwise.streams.user_state import UserState
 
 USER: dict[str, float | str] = {"user_id": "u", "aff:c1": 0.5, "aff:c3": 0.25}
@@ -31,11 +31,12 @@ def test_prefilter_keeps_the_top_by_popularity_plus_affinity_in_a_stable_order()
         actions = [Action(f"i{j}", {"category": f"c{j % 4}"}) for j in range(n)]
         maker = _maker(max_candidates=int(rng.integers(1, 10)))
         # Integer popularity: many ties, which must keep catalog order (a stable ranking).
-        maker.popularity = {a.id: float(rng.integers(0, 3)) for a in actions if rng.random() < 0.7}
-        top = max(maker.popularity.values(), default=0.0) or 1.0
+        popularity = {a.id: float(rng.integers(0, 3)) for a in actions if rng.random() < 0.7}
+        maker.popularity = ItemPopularity.from_scores(popularity, half_life=POPULARITY_HALF_LIFE)
+        top = max(popularity.values(), default=0.0) or 1.0
 
         def reference_score(
-            a: Action, top: float = top, popularity: dict[str, float] = maker.popularity
+            a: Action, top: float = top, popularity: dict[str, float] = popularity
         ) -> float:
             affinity = USER.get("aff:" + str(a.features.get("category")), 0.0)
             return popularity.get(a.id, 0.0) / top + float(affinity)

@@ -24,7 +24,7 @@ from loopwise.learners.features import (
 from loopwise.learners.linucb import LinUCBPolicy
 from loopwise.learners.policy import Action, Policy, SnapshotError, apply_floor, restore, sample
 from loopwise.learners.popularity import PopularityPolicy
-from loopwise.learners.river_models import ClickModel, ItemPopularity, RewardMonitor
+from loopwise.learners.river_models import RewardMonitor
 from loopwise.learners.vw_policy import VWPolicy, vw_args
 from loopwise.producers.simulator import MarketConfig, Marketplace
 
@@ -357,31 +357,6 @@ def test_bad_arm_shares_name_the_setting(shares: dict[str, Any], message: str) -
 
 
 # ------------------------------------------------------------------ river models
-
-
-def test_item_popularity_halves_every_half_life() -> None:
-    pop = ItemPopularity(half_life_ms=1000)
-    pop.update("a", 0, 8.0)
-    pop.update("b", 2000, 3.0)
-    pop.update("a", 1000, 1.0)  # (8 / 2) + 1 = 5 at t = 1000
-    assert pop.score("a", 2000) == pytest.approx(2.5)
-    assert pop.top(2, 2000) == [("b", 3.0), ("a", pytest.approx(2.5))]
-    pop.update("b", 1000, 2.0)  # late event: decayed to b's clock
-    assert pop.score("b", 2000) == pytest.approx(4.0)
-    assert pop.score("unknown", 0) == 0.0
-
-
-def test_click_model_learns_the_liked_category() -> None:
-    model = ClickModel(learning_rate=0.1)
-    rng = np.random.default_rng(4)
-    for _ in range(4000):
-        shared = shared_for(rng)
-        action = ACTIONS[int(rng.integers(len(ACTIONS)))]
-        model.learn(shared, action, bool(reward_of(shared, action, rng)))
-    mobile = {"user": {"user_id": "user-0001"}, "context": {"device": "mobile", "hour": 10}}
-    p = model.predict_proba(mobile, ACTIONS)
-    liked = [a.features["category"] == "cat-1" for a in ACTIONS]
-    assert p[liked].min() > p[~np.asarray(liked)].max()
 
 
 def test_reward_monitor_flags_a_change_of_the_reward_rate() -> None:
