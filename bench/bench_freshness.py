@@ -48,7 +48,11 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def organic_load(settings: Settings, rate: float, stop: threading.Event) -> int:
-    market = Marketplace(MarketConfig(seed=9, start_ms=int(time.time() * 1000)))
+    # Organic traffic in real time: event time advances as fast as the wall clock (the worker
+    # refuses events dated ahead of its clock by more than max_future_skew_ms).
+    market = Marketplace(
+        MarketConfig(seed=9, start_ms=int(time.time() * 1000) - 1000, mean_gap_ms=1000.0 / rate)
+    )
     sent = 0
     with EventPublisher.from_settings(settings) as publisher:
         for event in market.catalog_events():

@@ -87,6 +87,12 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         65_536, ge=256, le=10_485_760, description="larger events are dead-lettered unread"
     )
+    max_future_skew_ms: int = Field(
+        300_000,
+        ge=0,
+        description="events dated further ahead of the worker's clock are dead-lettered "
+        "(out_of_range, timestamp): a producer's clock cannot close decisions early",
+    )
     dedupe_window_s: int = Field(
         86_400, ge=60, description="an event_id seen within this many seconds is a duplicate"
     )

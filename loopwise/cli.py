@@ -236,10 +236,11 @@ def simulate(
     from loopwise.producers.traffic import publish_traffic
 
     tag = run_tag if run_tag is not None else uuid.uuid4().hex[:8]
-    now_ms = int(time.time() * 1000)  # event time starts now, ahead of any earlier run's
-    market = Marketplace(
-        MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag, start_ms=now_ms)
-    )
+    # Simulated time runs faster than the wall clock and the worker refuses events dated in
+    # its future: the run's history is placed so that it ends now.
+    now_ms = int(time.time() * 1000)
+    config = MarketConfig(n_users=users, n_items=items, seed=seed, run_tag=tag)
+    market = Marketplace(config.ending_by(now_ms, n_decisions if closed_loop else n_events))
     if closed_loop:
         from loopwise.producers.closed_loop import run_closed_loop
 

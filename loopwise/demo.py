@@ -75,15 +75,10 @@ def run_demo(
         worker = spawn_worker(settings)
         console.rule("[bold]3. simulated traffic")
         # One marketplace for the organic traffic and the closed loop: same users and items.
-        market = Marketplace(
-            MarketConfig(
-                n_users=200,
-                n_items=12,
-                seed=3,
-                run_tag=uuid.uuid4().hex[:8],
-                start_ms=int(time.time() * 1000),
-            )
-        )
+        # Simulated time runs faster than the wall clock, and the worker refuses events dated
+        # in its future: the organic traffic and the closed loop that continues it end by now.
+        config = MarketConfig(n_users=200, n_items=12, seed=3, run_tag=uuid.uuid4().hex[:8])
+        market = Marketplace(config.ending_by(int(time.time() * 1000), n_events + n_decisions))
         published = publish_traffic(settings, market, n_events)
         producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
         for raw in MALFORMED:

@@ -72,7 +72,7 @@ def run_closed_loop(
     nba_key = settings.key("nba", "{}")
     shown: set[str] = set()
     sessions: dict[str, dict[str, Any]] = {}  # user -> context of their current session
-    clock = market.config.start_ms
+    clock = market.clock  # event time goes on from the marketplace's earlier traffic
     gap = market.config.mean_gap_ms
     columns = (
         TextColumn("[bold]closed loop"),
@@ -153,6 +153,7 @@ def run_closed_loop(
                 if report.decisions % 200 == 0 or report.decisions == n_decisions:
                     bar.update(task, completed=report.decisions, rate=reward_sum / report.decisions)
         report.published = publisher.sent
+    market.advance_clock(clock)
     client.close()
     return report
 

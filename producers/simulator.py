@@ -46,6 +46,7 @@ best item depend on the context as well as on the user.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 from collections.abc import Iterator, Mapping
@@ -144,6 +145,22 @@ class MarketConfig:
                 raise ValueError(f"{name} must be >= 0")
         if self.start_ms < 0:
             raise ValueError("start_ms must be >= 0")
+
+    def history_span_ms(self, n_steps: int) -> int:
+        """Event time that ``n_steps`` views (or closed-loop decisions) take, with room to
+        spare: the gaps' mean plus six standard deviations, and the longest follow-up."""
+        g = self.mean_gap_ms + 1.0  # gaps are whole ms, at least 1
+        return int(n_steps * g + 6.0 * g * n_steps**0.5) + int(
+            _cap(self.click_delay_ms) + _cap(self.purchase_delay_ms)
+        )
+
+    def ending_by(self, now_ms: int, n_steps: int) -> MarketConfig:
+        """This config with ``start_ms`` early enough that ``n_steps`` end before ``now_ms``.
+
+        The worker refuses events dated ahead of its clock (``max_future_skew_ms``), and
+        simulated time runs faster than the wall clock: a simulated history lies in the past.
+        """
+        return dataclasses.replace(self, start_ms=max(0, now_ms - self.history_span_ms(n_steps)))
 
 
 def _sigmoid(x: FloatArray) -> FloatArray:
@@ -671,6 +688,15 @@ class Marketplace:
                     body["quantity"] = int(qty[r])
                     self._push(t_buy, body)
         self._clock = t
+
+    @property
+    def clock(self) -> int:
+        """The event time reached so far (the latest view's)."""
+        return self._clock
+
+    def advance_clock(self, to_ms: int) -> None:
+        """Move the clock forward (a closed loop run on this marketplace took time too)."""
+        self._clock = max(self._clock, to_ms)
 
     def _push(self, timestamp: int, body: dict[str, Any]) -> None:
         heapq.heappush(self._pending, (timestamp, self._seq, body))

@@ -61,8 +61,15 @@ class _Invalid(Exception):
         self.rejection = Rejection(reason, field, detail)
 
 
-def decode(raw: bytes | None, max_bytes: int = 65_536) -> Event | Rejection:
-    """Decode and validate one message value."""
+def decode(
+    raw: bytes | None, max_bytes: int = 65_536, max_timestamp_ms: int = MAX_TIMESTAMP_MS
+) -> Event | Rejection:
+    """Decode and validate one message value.
+
+    ``max_timestamp_ms`` is the latest event time accepted: the worker passes its wall
+    clock plus ``max_future_skew_ms``, so that an event dated in the future cannot move
+    a partition's watermark (and close its decisions) ahead of time.
+    """
     if raw is None:
         return Rejection("invalid_json", None, "empty message (null value)")
     if len(raw) > max_bytes:
@@ -74,12 +81,12 @@ def decode(raw: bytes | None, max_bytes: int = 65_536) -> Event | Rejection:
     if not isinstance(doc, dict):
         return Rejection("wrong_type", None, f"an event is a JSON object, got {_json_type(doc)}")
     try:
-        return validate(doc)
+        return validate(doc, max_timestamp_ms)
     except _Invalid as exc:
         return exc.rejection
 
 
-def validate(doc: dict[str, Any]) -> Event:
+def validate(doc: dict[str, Any], max_timestamp_ms: int = MAX_TIMESTAMP_MS) -> Event:
     """Check ``doc`` against the schema; raise ``_Invalid`` naming the first broken rule."""
     event_id = _id(doc, "event_id")
     kind = doc.get("type")
@@ -100,6 +107,13 @@ def validate(doc: dict[str, Any]) -> Event:
         )
     if not 0 <= timestamp <= MAX_TIMESTAMP_MS:
         raise _Invalid("out_of_range", "timestamp", f"{timestamp} is not in [0, 2^53]")
+    if timestamp > max_timestamp_ms:
+        raise _Invalid(
+            "out_of_range",
+            "timestamp",
+            f"{timestamp} is {timestamp - max_timestamp_ms} ms past the latest accepted event "
+            f"time {max_timestamp_ms} (the wall clock + max_future_skew_ms)",
+        )
 
     if "decision_id" in doc and doc["decision_id"] is not None:
         _id(doc, "decision_id")

@@ -42,7 +42,7 @@ from loopwise.config import Settings
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
-from loopwise.streams.decoding import Event, Rejection, decode
+from loopwise.streams.decoding import MAX_TIMESTAMP_MS, Event, Rejection, decode
 from loopwise.streams.errors import ERRORS
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
@@ -88,15 +88,18 @@ class Triage:
     counters: Counter[str]
 
 
-def triage(messages: Sequence[Message], max_bytes: int) -> Triage:
-    """Step 1: decode, validate, drop in-batch repeats."""
+def triage(
+    messages: Sequence[Message], max_bytes: int, max_timestamp_ms: int = MAX_TIMESTAMP_MS
+) -> Triage:
+    """Step 1: decode, validate (events dated after ``max_timestamp_ms`` are refused), drop
+    in-batch repeats."""
     counters: Counter[str] = Counter(consumed=len(messages))
     events: list[Event] = []
     partitions: list[int] = []
     deadletters: list[tuple[bytes | None, bytes]] = []
     seen: set[str] = set()
     for message in messages:
-        result = decode(message.value, max_bytes)
+        result = decode(message.value, max_bytes, max_timestamp_ms)
         if isinstance(result, Rejection):
             source = Source(message.topic, message.partition, message.offset)
             deadletters.append((message.key, deadletter_record(result, source, message.value)))
@@ -241,7 +244,9 @@ class Pipeline:
         return await self.checkpoint.publish(self.loop.partitions)
 
     async def _process(self, messages: Sequence[Message]) -> BatchReport:
-        batch = triage(messages, self.settings.max_event_bytes)
+        settings = self.settings
+        latest = int(time.time() * 1000) + settings.max_future_skew_ms
+        batch = triage(messages, settings.max_event_bytes, latest)
         events = batch.events
         reads = Reads(
             event_ids=[e.event_id for e in events],

@@ -4,10 +4,14 @@ A ``view`` carrying a known ``decision_id`` opens the decision (the impression);
 ``click`` and ``purchase`` events within the attribution window add to its
 reward: those carrying the ``decision_id``, and those without one, which go to
 the user's latest open decision that showed the same item. A decision closes
-once the watermark (the largest event time seen) passes ``shown_at + window``,
+once the watermark of its own events partition (the largest event time seen
+on that partition, as Kafka Streams' stream time) passes ``shown_at + window``,
 or at the latest ``window`` of wall-clock time after it opened, so that an idle
 stream holds nothing open; with no reward it gets the default reward. Each
-closed decision becomes one propensity-log record.
+closed decision becomes one propensity-log record. Watermarks are per
+partition so that one partition running ahead (catch-up, a producer's clock)
+closes nothing on the others; events dated too far ahead of the wall clock
+never get here (``max_future_skew_ms``, :func:`loopwise.streams.decoding.decode`).
 
 A second view of an open decision is the same impression shown again and
 changes nothing; a view of a closed or unknown decision opens nothing. Rewards
@@ -121,7 +125,7 @@ class RewardJoin:
         self.window_ms = window_ms
         self.rule = rule
         self.open: dict[str, OpenDecision] = {}
-        self.watermark = 0
+        self.watermarks: dict[int, int] = {}  # events partition -> largest event time seen
         # (user_id, item_id) -> decision_id of the latest open decision showing that item
         self._latest_view: dict[tuple[str, str], str] = {}
 
@@ -152,9 +156,10 @@ class RewardJoin:
         decisions (absent: unknown or already closed). An event without
         consent drops the user's open decisions.
         """
+        watermarks = self.watermarks
         for event, partition in events:
-            if event.timestamp > self.watermark:
-                self.watermark = event.timestamp
+            if event.timestamp > watermarks.get(partition, 0):
+                watermarks[partition] = event.timestamp
             if not event.consent:
                 assert event.user_id is not None
                 self.drop_user(event.user_id, changes)
@@ -227,12 +232,14 @@ class RewardJoin:
         changes.count("joined_rewards")
 
     def close_due(self, now_wall_ms: int, changes: JoinChanges) -> None:
-        """Close every decision whose window ended in event time or in wall-clock time."""
+        """Close every decision whose window ended in its partition's event time or in
+        wall-clock time."""
+        watermarks, window = self.watermarks, self.window_ms
         due = [
             d
             for d in self.open.values()
-            if self.watermark > d.shown_at + self.window_ms
-            or now_wall_ms > d.opened_wall_ms + self.window_ms
+            if watermarks.get(d.partition, 0) > d.shown_at + window
+            or now_wall_ms > d.opened_wall_ms + window
         ]
         for open_decision in sorted(due, key=lambda d: d.shown_at):
             decision_id = open_decision.decision.decision_id

@@ -146,3 +146,12 @@ def test_a_deadletter_record_of_a_huge_message_fits_the_broker() -> None:
     record = orjson.loads(blob)
     assert record["original_truncated"] is True and record["original_size"] == 1_000_000
     assert original_bytes(record) == raw[: len(original_bytes(record))]
+
+
+def test_events_dated_past_the_latest_accepted_time_are_out_of_range() -> None:
+    raw = orjson.dumps({**GOOD, "timestamp": 10_000})
+    assert isinstance(decode(raw, max_timestamp_ms=10_000), Event)
+    result = decode(raw, max_timestamp_ms=9_999)
+    assert isinstance(result, Rejection)
+    assert (result.reason, result.field) == ("out_of_range", "timestamp")
+    assert "max_future_skew_ms" in result.detail

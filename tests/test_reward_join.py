@@ -120,3 +120,19 @@ def test_json_of_decisions_is_the_dataclass_fields_in_order() -> None:
     opened = OpenDecision(d, shown_at=5, opened_wall_ms=6, context={"device": "web"}, clicks=2)
     assert opened.to_json() == orjson.dumps(asdict(opened))
     assert OpenDecision.from_json(opened.to_json()) == opened
+
+
+def test_a_partition_running_ahead_closes_nothing_on_the_others() -> None:
+    join = RewardJoin(WINDOW, RewardRule())
+    view, _ = ev("view", 100, decision_id="d1", propensity=0.75)
+    run(join, [(view, 0)], {"d1": decision()})
+    # Another user's events on partition 1, far ahead (catch-up, or a producer's clock).
+    far, _ = ev("click", 10**9, user="u2", item="i7")
+    c = run(join, [(far, 1)], {})
+    assert not c.closed and set(join.open) == {"d1"}
+    click, _ = ev("click", 150)
+    c = run(join, [(click, 0)], {})
+    assert c.counts.get("joined_rewards") == 1  # still open: its click joins it
+    c = run(join, [(ev("view", 100 + WINDOW + 1, item="i9")[0], 0)], {})  # its own partition
+    assert [o.decision.decision_id for o in c.closed] == ["d1"]
+    assert join.record(c.closed[0])["reward"] == 1.0

@@ -425,3 +425,13 @@ def test_config_is_validated() -> None:
 def test_docstring_example_runs() -> None:
     result = doctest.testmod(simulator, extraglobs={"np": np}, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_a_history_ending_by_now_stays_in_the_past() -> None:
+    """The worker refuses events from its future: a simulated run must end before now."""
+    now = 1_800_000_000_000
+    config = MarketConfig(seed=4, n_users=50, n_items=8).ending_by(now, 3000)
+    market = Marketplace(config)
+    events = list(market.events(3000))
+    assert max(e["timestamp"] for e in events) <= now
+    assert config.start_ms >= now - 2 * config.history_span_ms(3000)
