@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -12,6 +11,7 @@ import orjson
 from rich.console import Console
 
 from loopwise.config import ConfigError, Settings, load_settings
+from loopwise.logs import LOG_FORMATS, configure_logging
 
 console = Console(stderr=True)
 
@@ -39,10 +39,22 @@ class LoopwiseGroup(click.Group):
 
 
 def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj.get("settings")
+    obj = ctx.find_root().obj
+    settings = obj.get("settings")
     if settings is None:
-        settings = ctx.obj["settings"] = load_settings(ctx.obj.get("config"))
+        # --log-format / LOOPWISE_LOG_FORMAT win over the config file, and children (the demo's
+        # worker) inherit the format with the settings.
+        overrides = {"log_format": obj["log_format"]} if obj["log_format_given"] else {}
+        settings = obj["settings"] = load_settings(obj.get("config"), **overrides)
+        if settings.log_format != obj["log_format"]:  # set by the config file
+            obj["log_format"] = settings.log_format
+            _configure_logging(ctx)
     return settings
+
+
+def _configure_logging(ctx: click.Context, level: str = "info") -> None:
+    obj = ctx.find_root().obj
+    configure_logging(obj["verbosity"], obj["log_format"], level)
 
 
 @click.group(cls=LoopwiseGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,24 +63,40 @@ def _settings(ctx: click.Context) -> Settings:
     type=click.Path(dir_okay=False, path_type=Path),
     help="TOML config file (also LOOPWISE_CONFIG); environment variables LOOPWISE_* override it.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.option(
+    "-v",
+    "--verbose",
+    "verbosity",
+    count=True,
+    help="Log more: Loopwise at DEBUG and the libraries (Faust, Kafka clients) at INFO; "
+    "-vv: everything at DEBUG.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    envvar="LOOPWISE_LOG_FORMAT",
+    default=None,
+    help="Log lines on stderr as text (default) or json: one JSON object per line "
+    "(time, level, logger, message, exc_info), for log collectors. Also LOOPWISE_LOG_FORMAT.",
+)
 @click.version_option(package_name="loopwise")
 @click.pass_context
-def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+def main(ctx: click.Context, config: Path | None, verbosity: int, log_format: str | None) -> None:
     """Loopwise: a streaming online-learning event processor.
 
     Events published to Kafka are validated, dead-lettered when bad, and folded
     into fresh per-user state in Redis by a Faust worker.
+
+    Logs: Loopwise's own lines at INFO, other libraries' warnings; -v for more.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # the Kafka clients narrate every connection at INFO
-        for noisy in ("kafka", "aiokafka"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
-    ctx.obj["config"] = config
+    ctx.obj.update(
+        config=config,
+        verbosity=verbosity,
+        log_format=log_format or "text",
+        log_format_given=log_format is not None,
+    )
+    _configure_logging(ctx)
 
 
 # --- infra -------------------------------------------------------------------------------
@@ -129,10 +157,16 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 @main.command()
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly)."""
+    """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly).
+
+    Logs Loopwise's lines at worker_log_level (LOOPWISE_WORKER_LOG_LEVEL, default info) and
+    Faust's and the Kafka clients' warnings; -v shows theirs too.
+    """
     from loopwise.streams.worker import run_worker
 
-    run_worker(_settings(ctx))
+    settings = _settings(ctx)
+    _configure_logging(ctx, level=settings.worker_log_level)
+    run_worker(settings)
 
 
 @main.command()
