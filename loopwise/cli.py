@@ -505,25 +505,54 @@ def stats(ctx: click.Context, as_json: bool, sample: int) -> None:
         print_summary(summary)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["worker", "freshness", "ope", "policies"]))
-@click.pass_context
-def bench(ctx: click.Context, name: str) -> None:
-    """Run a benchmark of bench/; extra args go to it.
+BENCHMARKS: dict[str, str] = {
+    "worker": "events/s through the worker vs the raw-consumption ceiling",
+    "freshness": "click -> nba:{user} latency under load vs Kafka delivery",
+    "ope": "replay records/s on a 1M-record log vs a per-record loop",
+    "policies": "offline learning of the policies on the simulator",
+}
+"""The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
-    \b
-    worker     events/s through the worker vs the raw-consumption ceiling
-    freshness  click -> nba:{user} latency under load vs Kafka delivery
-               (both start their own Kafka + Redis on free ports)
-    ope        replay records/s on a 1M-record log vs a per-record loop
-    policies   offline learning of the policies on the simulator
 
-    Try `loopwise bench worker --help`.
+class BenchCommand(click.Command):
+    """Everything after the benchmark's name is the benchmark's own, ``--help`` included.
+
+    Click would answer ``loopwise bench worker --help`` itself, with this command's help;
+    here it reaches the benchmark's argparse, which prints its options.
     """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in BENCHMARKS:
+            super().parse_args(ctx, args[:1])
+            ctx.args = list(args[1:])
+            return ctx.args
+        return super().parse_args(ctx, args)
+
+
+@main.command(
+    cls=BenchCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    help="Run a benchmark of bench/ (a source checkout); the ARGS go to it.\n\n\b\n"
+    + "\n".join(f"{name:10} {what}" for name, what in BENCHMARKS.items())
+    + "\n\nworker and freshness start their own Kafka + Redis on free ports. "
+    "`loopwise bench NAME --help` shows a benchmark's options.",
+)
+@click.argument("name", type=click.Choice(list(BENCHMARKS)), metavar="NAME")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+@click.pass_context
+def bench(ctx: click.Context, name: str, args: tuple[str, ...]) -> None:
     import runpy
 
-    sys.argv = [f"bench_{name}", *ctx.args]
-    runpy.run_module(f"bench.bench_{name}", run_name="__main__")
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / f"bench_{name}.py").is_file():
+        raise UserError(
+            f"bench/bench_{name}.py is not next to this installation ({checkout}): the "
+            "benchmarks live in the source checkout; clone it, `make install`, run them there"
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))  # bench/ is not installed (one namespace: loopwise)
+    sys.argv = [f"bench_{name}", *args, *ctx.args]  # argv[0]: runpy sets the file name
+    runpy.run_module(f"bench.bench_{name}", run_name="__main__", alter_sys=True)
 
 
 @main.command()
