@@ -7,9 +7,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from typing import IO, Any
 
 import faust
+from kafka import KafkaAdminClient
+from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from loopwise.config import Settings
@@ -45,6 +48,7 @@ def run_worker(settings: Settings) -> None:
     library's INFO lines, and turn ``print`` into log records (``redirect_stdouts``).
     """
     ensure_topics(settings)
+    _wait_for_group_coordinator(settings)
     if settings.metrics_port:
         start_http_server(settings.metrics_port, addr="127.0.0.1")
         log.info("metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
@@ -66,6 +70,29 @@ def run_worker(settings: Settings) -> None:
         if exc.code not in (0, None):
             raise
     log.info("worker stopped")
+
+
+def _wait_for_group_coordinator(settings: Settings, timeout_s: float = 30) -> None:
+    """Return once the broker names a coordinator for the worker's consumer group.
+
+    A fresh broker creates ``__consumer_offsets`` on the first such question and answers
+    "not available" until then; Faust's consumer would log that answer as an ERROR on every
+    first start. Past ``timeout_s``, or on any other answer, Faust's own retries take over.
+    """
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="loopwise")
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            try:
+                admin.describe_groups([settings.app_id])
+                return
+            except KafkaError as exc:
+                if not exc.retriable or time.monotonic() > deadline:
+                    return
+                log.debug("waiting for the group coordinator: %s", exc)
+                time.sleep(0.2)
+    finally:
+        admin.close()
 
 
 def spawn_worker(
