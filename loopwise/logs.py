@@ -3,7 +3,8 @@
 One handler on the root logger, writing to stderr:
 
 * by default, Loopwise's loggers (``loopwise.*``: worker, loop, learner, infra, ...) at INFO and
-  every other library (faust, mode, aiokafka, kafka, ...) at WARNING;
+  every other library (faust, mode, aiokafka, kafka, ...) at WARNING (a few, :data:`QUIETED`,
+  at ERROR);
 * ``-v`` (``verbosity=1``): Loopwise at DEBUG, the libraries at INFO; ``-vv``: all at DEBUG;
 * the ``text`` format is ``12:00:01 INFO loopwise.worker: message``; the ``json`` format
   (``--log-format json`` or ``LOOPWISE_LOG_FORMAT=json``) writes one JSON object per line,
@@ -27,6 +28,9 @@ import orjson
 LOG_FORMATS: Final = ("text", "json")
 LIBRARY_LEVEL: Final = logging.WARNING
 """The least level of a library's record shown by default (faust, mode, aiokafka, kafka...)."""
+QUIETED: Final = {"kafka.net.selector": logging.ERROR}
+"""Library loggers whose warnings are their own diagnostics, shown from ``-v`` on:
+kafka-python's IO loop warns whenever one of its tasks ran over 0.1 s (a busy machine)."""
 
 
 class JsonFormatter(logging.Formatter):
@@ -102,4 +106,6 @@ def configure_logging(
     root.addHandler(handler)
     root.setLevel(libraries)
     logging.getLogger("loopwise").setLevel(own)
+    for name, quiet in QUIETED.items():
+        logging.getLogger(name).setLevel(logging.NOTSET if verbosity else max(quiet, libraries))
     logging.captureWarnings(True)  # warnings.warn(...) as py.warnings records, in this format

@@ -93,3 +93,15 @@ def test_configuring_again_replaces_the_handler_instead_of_adding_one() -> None:
 def test_an_unknown_format_is_refused() -> None:
     with pytest.raises(ValueError, match="xml"):
         configure_logging(log_format="xml")
+
+
+def test_kafka_pythons_slow_task_diagnostics_wait_for_v() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out)
+    selector = logging.getLogger("kafka.net.selector")
+    selector.warning("Task ran for 0.225s (>0.100s threshold)")
+    selector.error("IO loop crashed")
+    assert "threshold" not in out.getvalue() and "IO loop crashed" in out.getvalue()
+    configure_logging(verbosity=1, stream=out)
+    selector.warning("Task ran for 0.3s (>0.100s threshold)")
+    assert "0.3s" in out.getvalue()
