@@ -73,6 +73,7 @@ def run_demo(
         before = read_summary(settings, 0)["stats"].get("consumed", 0)
         console.rule("[bold]2. worker")
         worker = spawn_worker(settings)
+        console.print(f"started `loopwise worker` (pid {worker.pid}); it logs below as loopwise.*")
         console.rule("[bold]3. simulated traffic")
         # One marketplace for the organic traffic and the closed loop: same users and items.
         market = Marketplace(
