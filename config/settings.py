@@ -105,6 +105,9 @@ class Settings(BaseSettings):
         description="affinity added per event type",
     )
     worker_log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines of every command: text, or one JSON object per line"
+    )
     metrics_port: int = Field(
         0, ge=0, le=65535, description="Prometheus metrics port of the worker (0: off)"
     )

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -12,37 +15,229 @@ import orjson
 from rich.console import Console
 
 from loopwise.config import ConfigError, Settings, load_settings
+from loopwise.logs import LOG_FORMATS, configure_logging
 
 console = Console(stderr=True)
+log = logging.getLogger("loopwise.cli")
+
+USER_ERROR_EXIT = 2
+BUG_EXIT = 1
+BUG_HINT = "this is a bug in Loopwise; rerun with -v for the traceback and report it"
+
+
+class UserError(Exception):
+    """A command cannot run as asked and the user can fix it; the message says how."""
 
 
 class LoopwiseGroup(click.Group):
-    """Turns the errors a user can fix into one clear line and exit code 2, not a traceback."""
+    """Errors split by kind: what the user can fix is one line and exit 2; a bug is exit 1.
+
+    User errors are Loopwise's own (:class:`UserError`, ``ConfigError``, ``ExportError``,
+    ``ReplayError``, ``TargetError``, ``InfraError``, ...), files that cannot be read or written,
+    and a Kafka broker or Redis that cannot be reached (see :func:`user_error_message`).
+    Anything else is a bug: a one-line summary and how to get the traceback, or with ``-v``
+    the traceback itself. With ``--log-format json`` both are JSON log lines (a bug's with
+    its traceback).
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
-        from kafka.errors import KafkaError
-
-        from loopwise.export import ExportError
-        from loopwise.infra import InfraError
-
         try:
             return super().invoke(ctx)
-        except ConfigError as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            sys.exit(2)
-        except InfraError as exc:
-            console.print(f"[red]infrastructure error:[/red] {exc}")
-            sys.exit(1)
-        except (ExportError, ValueError, OSError, TimeoutError, KafkaError) as exc:
-            console.print(f"[red]error:[/red] {exc}")
-            sys.exit(2)
+        except (click.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click prints these itself (usage errors: exit 2)
+        except Exception as exc:
+            obj = ctx.obj if isinstance(ctx.obj, dict) else {}
+            ctx.exit(
+                report_error(
+                    exc,
+                    settings=obj.get("settings"),
+                    verbosity=obj.get("verbosity", 0),
+                    json_lines=obj.get("log_format") == "json",
+                    command=ctx.invoked_subcommand,
+                )
+            )
+
+
+def report_error(
+    exc: Exception,
+    *,
+    settings: Settings | None,
+    verbosity: int,
+    json_lines: bool,
+    command: str | None = None,
+) -> int:
+    """Print ``exc`` for a person (or as a JSON log line) and return the exit code."""
+    message = user_error_message(exc, settings)
+    if message is not None:
+        if json_lines:
+            log.error(message)
+        else:
+            click.echo(f"{click.style('error:', fg='red')} {message}", err=True)
+        return USER_ERROR_EXIT
+    summary = f"unexpected {_one_line(exc)}{_where(exc)}"
+    if json_lines:
+        log.error("%s; this is a bug in Loopwise, please report it", summary, exc_info=exc)
+    elif verbosity:
+        click.echo("".join(traceback.format_exception(exc)), err=True, nl=False)
+        click.echo(
+            f"{click.style('error:', fg='red')} {summary}\n"
+            "this is a bug in Loopwise; please report it with the traceback above",
+            err=True,
+        )
+    else:
+        rerun = f" (loopwise -v {command} ...)" if command else ""
+        click.echo(f"{click.style('error:', fg='red')} {summary}\n{BUG_HINT}{rerun}", err=True)
+    return BUG_EXIT
+
+
+def user_error_message(exc: BaseException, settings: Settings | None) -> str | None:
+    """The line that tells the user what to fix, or None when ``exc`` is a bug of Loopwise's."""
+    import aiokafka.errors
+    import kafka.errors
+    import redis.exceptions
+    from pydantic import ValidationError
+    from pydantic_settings import SettingsError
+
+    from loopwise.export import ExportError
+    from loopwise.infra import InfraError
+    from loopwise.learners.arms import ArmConfigError
+    from loopwise.learners.policy import SnapshotError
+    from loopwise.learners.targets import TargetError
+    from loopwise.replay import ReplayError
+
+    if isinstance(exc, ConfigError) and str(exc).count("\n") == 1:
+        return str(exc).replace(":\n  ", ": ")  # one setting: one line
+    ours = (UserError, ConfigError, ExportError, ReplayError, TargetError, ArmConfigError)
+    if isinstance(exc, (*ours, SnapshotError)):
+        return str(exc)
+    if isinstance(exc, InfraError):
+        return f"local infrastructure: {_text(exc)}"
+    if isinstance(exc, SettingsError):  # pydantic-settings could not parse a LOOPWISE_* value
+        name = match[1] if (match := re.search(r'field "(\w+)"', str(exc))) else "?"
+        env = f"LOOPWISE_{name.upper()}"
+        value = os.environ.get(env) if "password" not in name else None
+        shown = f" = {value!r}" if value is not None else ""
+        return (
+            f"invalid configuration: setting '{name}' ({env}){shown}: "
+            f"not valid JSON ({_text(exc.__cause__ or exc)})"
+        )
+    if isinstance(exc, ValidationError) and exc.title == "Settings":
+        return "invalid configuration: " + "; ".join(
+            f"setting '{'.'.join(map(str, e['loc']))}' "
+            f"(LOOPWISE_{str(e['loc'][0]).upper() if e['loc'] else '?'}): {e['msg']}"
+            for e in exc.errors()
+        )
+
+    kafka_at = (
+        f"the Kafka broker at {settings.bootstrap_servers}"
+        if settings is not None
+        else "the Kafka broker"
+    )
+    kafka_setting = "setting bootstrap_servers, LOOPWISE_BOOTSTRAP_SERVERS"
+    unreachable_kafka = (
+        kafka.errors.KafkaConnectionError,
+        kafka.errors.KafkaTimeoutError,
+        kafka.errors.NodeNotReadyError,
+        kafka.errors.BrokerNotAvailableError,
+        aiokafka.errors.KafkaConnectionError,
+        aiokafka.errors.KafkaTimeoutError,
+        aiokafka.errors.NoBrokersAvailable,
+        aiokafka.errors.NodeNotReadyError,
+        aiokafka.errors.BrokerNotAvailableError,
+    )
+    refused_kafka = (
+        kafka.errors.AuthorizationError,
+        kafka.errors.SaslAuthenticationFailedError,
+        aiokafka.errors.AuthenticationFailedError,
+    )
+    if isinstance(exc, unreachable_kafka):
+        return (
+            f"cannot reach {kafka_at} ({kafka_setting}): {_text(exc)}; "
+            "is it running? `loopwise infra up` starts a local one"
+        )
+    if isinstance(exc, refused_kafka):
+        return f"{kafka_at} refused access ({kafka_setting}): {_text(exc)}"
+
+    redis_at = (
+        f"Redis at {_without_password(settings.redis_url)}" if settings is not None else "Redis"
+    )
+    if isinstance(exc, redis.exceptions.AuthenticationError):
+        return f"{redis_at} refused the password (LOOPWISE_REDIS_PASSWORD): {_text(exc)}"
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return (
+            f"cannot reach {redis_at} (setting redis_url, LOOPWISE_REDIS_URL): {_text(exc)}; "
+            "is it running? `loopwise infra up` starts a local one"
+        )
+
+    if isinstance(exc, ConnectionError):  # a socket of ours or a library's, address unknown
+        where = (
+            f" ({kafka_at}, {redis_at}: settings bootstrap_servers, redis_url)"
+            if settings is not None
+            else ""
+        )
+        return f"cannot connect{where}: {_text(exc)}"
+    if isinstance(exc, OSError):  # files and disks: missing, not allowed, full, ...
+        if exc.filename is not None and exc.strerror:
+            paths = " -> ".join(str(p) for p in (exc.filename, exc.filename2) if p is not None)
+            return f"{paths}: {exc.strerror}"
+        return _text(exc)
+    return None
+
+
+def _text(exc: BaseException) -> str:
+    return str(exc).rstrip(".") or type(exc).__name__
+
+
+def _one_line(exc: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(exc).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _where(exc: BaseException) -> str:
+    """`` (at streams/app.py:120 in build_app)``: the innermost frame in Loopwise's code."""
+    import importlib.util
+
+    roots = []
+    for name in ("loopwise", *(f"loopwise.{p}" for p in ("config", "streams", "learners"))):
+        spec = importlib.util.find_spec(name)
+        roots += [Path(p) for p in (spec.submodule_search_locations or [])] if spec else []
+    for frame in reversed(traceback.extract_tb(exc.__traceback__)):
+        path = Path(frame.filename)
+        for root in roots:
+            if path.is_relative_to(root):
+                return f" (at {root.name}/{path.relative_to(root)}:{frame.lineno} in {frame.name})"
+    return ""
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
 
 
 def _settings(ctx: click.Context) -> Settings:
-    settings = ctx.obj.get("settings")
+    obj = ctx.find_root().obj
+    settings = obj.get("settings")
     if settings is None:
-        settings = ctx.obj["settings"] = load_settings(ctx.obj.get("config"))
+        # --log-format / LOOPWISE_LOG_FORMAT win over the config file, and children (the demo's
+        # worker) inherit the format with the settings.
+        overrides = {"log_format": obj["log_format"]} if obj["log_format_given"] else {}
+        settings = obj["settings"] = load_settings(obj.get("config"), **overrides)
+        if settings.log_format != obj["log_format"]:  # set by the config file
+            obj["log_format"] = settings.log_format
+            _configure_logging(ctx)
     return settings
+
+
+def _configure_logging(ctx: click.Context, level: str = "info") -> None:
+    obj = ctx.find_root().obj
+    configure_logging(obj["verbosity"], obj["log_format"], level)
 
 
 @click.group(cls=LoopwiseGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -51,24 +246,40 @@ def _settings(ctx: click.Context) -> Settings:
     type=click.Path(dir_okay=False, path_type=Path),
     help="TOML config file (also LOOPWISE_CONFIG); environment variables LOOPWISE_* override it.",
 )
-@click.option("-v", "--verbose", is_flag=True, help="Log more.")
+@click.option(
+    "-v",
+    "--verbose",
+    "verbosity",
+    count=True,
+    help="Log more: Loopwise at DEBUG and the libraries (Faust, Kafka clients) at INFO; "
+    "-vv: everything at DEBUG. A bug prints its traceback.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(LOG_FORMATS),
+    envvar="LOOPWISE_LOG_FORMAT",
+    default=None,
+    help="Log lines on stderr as text (default) or json: one JSON object per line "
+    "(time, level, logger, message, exc_info), for log collectors. Also LOOPWISE_LOG_FORMAT.",
+)
 @click.version_option(package_name="loopwise")
 @click.pass_context
-def main(ctx: click.Context, config: Path | None, verbose: bool) -> None:
+def main(ctx: click.Context, config: Path | None, verbosity: int, log_format: str | None) -> None:
     """Loopwise: a streaming online-learning event processor.
 
     Events published to Kafka are validated, dead-lettered when bad, and folded
     into fresh per-user state in Redis by a Faust worker.
+
+    Logs: Loopwise's own lines at INFO, other libraries' warnings; -v for more.
     """
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    if not verbose:  # the Kafka clients narrate every connection at INFO
-        for noisy in ("kafka", "aiokafka"):
-            logging.getLogger(noisy).setLevel(logging.WARNING)
     ctx.ensure_object(dict)
-    ctx.obj["config"] = config
+    ctx.obj.update(
+        config=config,
+        verbosity=verbosity,
+        log_format=log_format or "text",
+        log_format_given=log_format is not None,
+    )
+    _configure_logging(ctx)
 
 
 # --- infra -------------------------------------------------------------------------------
@@ -129,10 +340,16 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 @main.command()
 @click.pass_context
 def worker(ctx: click.Context) -> None:
-    """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly)."""
+    """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly).
+
+    Logs Loopwise's lines at worker_log_level (LOOPWISE_WORKER_LOG_LEVEL, default info) and
+    Faust's and the Kafka clients' warnings; -v shows theirs too.
+    """
     from loopwise.streams.worker import run_worker
 
-    run_worker(_settings(ctx))
+    settings = _settings(ctx)
+    _configure_logging(ctx, level=settings.worker_log_level)
+    run_worker(settings)
 
 
 @main.command()
@@ -289,25 +506,54 @@ def stats(ctx: click.Context, as_json: bool, sample: int) -> None:
         print_summary(summary)
 
 
-@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
-@click.argument("name", type=click.Choice(["worker", "freshness", "ope", "policies"]))
-@click.pass_context
-def bench(ctx: click.Context, name: str) -> None:
-    """Run a benchmark of bench/; extra args go to it.
+BENCHMARKS: dict[str, str] = {
+    "worker": "events/s through the worker vs the raw-consumption ceiling",
+    "freshness": "click -> nba:{user} latency under load vs Kafka delivery",
+    "ope": "replay records/s on a 1M-record log vs a per-record loop",
+    "policies": "offline learning of the policies on the simulator",
+}
+"""The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
-    \b
-    worker     events/s through the worker vs the raw-consumption ceiling
-    freshness  click -> nba:{user} latency under load vs Kafka delivery
-               (both start their own Kafka + Redis on free ports)
-    ope        replay records/s on a 1M-record log vs a per-record loop
-    policies   offline learning of the policies on the simulator
 
-    Try `loopwise bench worker --help`.
+class BenchCommand(click.Command):
+    """Everything after the benchmark's name is the benchmark's own, ``--help`` included.
+
+    Click would answer ``loopwise bench worker --help`` itself, with this command's help;
+    here it reaches the benchmark's argparse, which prints its options.
     """
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] in BENCHMARKS:
+            super().parse_args(ctx, args[:1])
+            ctx.args = list(args[1:])
+            return ctx.args
+        return super().parse_args(ctx, args)
+
+
+@main.command(
+    cls=BenchCommand,
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
+    help="Run a benchmark of bench/ (a source checkout); the ARGS go to it.\n\n\b\n"
+    + "\n".join(f"{name:10} {what}" for name, what in BENCHMARKS.items())
+    + "\n\nworker and freshness start their own Kafka + Redis on free ports. "
+    "`loopwise bench NAME --help` shows a benchmark's options.",
+)
+@click.argument("name", type=click.Choice(list(BENCHMARKS)), metavar="NAME")
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[ARGS]...")
+@click.pass_context
+def bench(ctx: click.Context, name: str, args: tuple[str, ...]) -> None:
     import runpy
 
-    sys.argv = [f"bench_{name}", *ctx.args]
-    runpy.run_module(f"bench.bench_{name}", run_name="__main__")
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "bench" / f"bench_{name}.py").is_file():
+        raise UserError(
+            f"bench/bench_{name}.py is not next to this installation ({checkout}): the "
+            "benchmarks live in the source checkout; clone it, `make install`, run them there"
+        )
+    if str(checkout) not in sys.path:
+        sys.path.insert(0, str(checkout))  # bench/ is not installed (one namespace: loopwise)
+    sys.argv = [f"bench_{name}", *args, *ctx.args]  # argv[0]: runpy sets the file name
+    runpy.run_module(f"bench.bench_{name}", run_name="__main__", alter_sys=True)
 
 
 @main.command()
@@ -541,7 +787,10 @@ def report(
     """
     from loopwise.report import build_report, plot_report, print_report
 
-    result = build_report(decisions, holdout=holdout, last=last, window=window)
+    try:
+        result = build_report(decisions, holdout=holdout, last=last, window=window)
+    except ValueError as exc:  # report.py says so when DECISIONS holds no usable decision
+        raise UserError(str(exc)) from exc
     if as_json:
         click.echo(orjson.dumps(result, option=orjson.OPT_INDENT_2).decode())
     else:

@@ -15,6 +15,7 @@ dead-lettered = consumed.
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import time
 import uuid
@@ -35,6 +36,7 @@ from loopwise.streams.worker import spawn_worker, stop_worker
 from loopwise.summary import print_summary, read_summary
 
 console = Console()
+log = logging.getLogger("loopwise.demo")
 
 MALFORMED: list[bytes] = [
     b"{this is not json",
@@ -68,11 +70,13 @@ def run_demo(
     console.rule("[bold]1. local Kafka broker and Redis")
     local.up()
     ensure_topics(settings)
+    _wait_for_leaders(settings)
     worker = None
     try:
         before = read_summary(settings, 0)["stats"].get("consumed", 0)
         console.rule("[bold]2. worker")
         worker = spawn_worker(settings)
+        console.print(f"started `loopwise worker` (pid {worker.pid}); it logs below as loopwise.*")
         console.rule("[bold]3. simulated traffic")
         # One marketplace for the organic traffic and the closed loop: same users and items.
         # Simulated time runs faster than the wall clock, and the worker refuses events dated
@@ -154,6 +158,25 @@ def _replay(settings: Settings, out: Path) -> Path:
     )
     print_table(result, Console(width=max(console.width, 120)))
     return write_report(result, details, out, logs=["kafka:"])
+
+
+def _wait_for_leaders(settings: Settings, timeout_s: float = 30) -> None:
+    """Return once every partition of the demo's topics has a leader.
+
+    Just created, they have none for a moment, and the traffic's producer would warn
+    (``NotLeaderForPartitionError``, retrying) in the middle of the demo.
+    """
+    from kafka import KafkaAdminClient
+    from kafka.errors import KafkaTimeoutError
+
+    topics = [settings.events_topic, settings.deadletter_topic, settings.propensity_log_topic]
+    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="loopwise")
+    try:
+        admin.wait_for_topics(topics, timeout_ms=int(timeout_s * 1000))
+    except KafkaTimeoutError as exc:  # the producer retries until they have one
+        log.warning("publishing although a topic has no leader yet: %s", exc)
+    finally:
+        admin.close()
 
 
 def _wait_for(
