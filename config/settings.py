@@ -139,6 +139,12 @@ class Settings(BaseSettings):
     nba_ttl_s: int = Field(
         86_400, ge=1, description="lifetime of nba:{user_id} and stored decisions"
     )
+    superseded_decision_ttl_s: int = Field(
+        600,
+        ge=1,
+        description="how long a decision stays showable once a newer one replaced it in "
+        "nba:{user_id} (a serving layer may have read it just before)",
+    )
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often models are snapshotted")
     decisions: bool = Field(True, description="run the learning loop (false: user state only)")
 

@@ -19,7 +19,7 @@ the default. A timer tick does (3) and the default only.
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -35,6 +35,8 @@ from loopwise.streams.user_state import UserState
 
 log = logging.getLogger("loopwise.loop")
 
+LATEST_DECISIONS_KEPT = 200_000  # users whose latest decision id the loop remembers
+
 
 class LearningLoop:
     """Join + decisions for the partitions this worker owns."""
@@ -47,6 +49,9 @@ class LearningLoop:
         self.join = join
         self.catalog = catalog
         self.partitions: set[int] = set()
+        # user -> their latest decision's id, so that it expires soon once replaced (bounded:
+        # a user beyond it keeps their old decisions for the full TTL, nothing worse).
+        self._latest: OrderedDict[str, str] = OrderedDict()
 
     # ------------------------------------------------------------ ownership
 
@@ -116,6 +121,9 @@ class LearningLoop:
                 context = latest_context.get(user_id, {})
                 decision = self.maker.decide(user_id, state, context, actions, now_ms)
                 plan.decisions_set[decision.decision_id] = decision.to_json()
+                previous = self._remember(user_id, decision.decision_id)
+                if previous is not None:
+                    plan.decisions_superseded.append(previous)
                 plan.nba_set[user_id] = nba_json(
                     decision, {"last_event_id": latest_event.get(user_id, "")}
                 )
@@ -124,6 +132,14 @@ class LearningLoop:
             plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
         else:
             plan.nba_removed.extend(u for u, s in states.items() if s is None)
+
+    def _remember(self, user_id: str, decision_id: str) -> str | None:
+        latest = self._latest
+        previous = latest.pop(user_id, None)
+        latest[user_id] = decision_id
+        if len(latest) > LATEST_DECISIONS_KEPT:
+            latest.popitem(last=False)
+        return previous
 
     def plan_tick(self, plan: BatchPlan, now_ms: int) -> None:
         """Between batches: close decisions whose wall-clock window ended; refresh the default."""

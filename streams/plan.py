@@ -68,6 +68,7 @@ class BatchPlan:
     # decisions: stored until shown or expired; next-best-actions
     decisions_set: dict[str, bytes] = field(default_factory=dict)
     decisions_removed: list[str] = field(default_factory=list)
+    decisions_superseded: list[str] = field(default_factory=list)  # replaced in nba: expire soon
     nba_set: dict[str, bytes] = field(default_factory=dict)
     nba_removed: list[str] = field(default_factory=list)
     default_nba: bytes | None = None
@@ -85,6 +86,7 @@ class BatchPlan:
             or self.outbox
             or self.decisions_set
             or self.decisions_removed
+            or self.decisions_superseded
             or self.nba_set
             or self.nba_removed
             or self.default_nba is not None

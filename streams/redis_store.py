@@ -171,6 +171,8 @@ class RedisStore:
                 pipe.rpush(self.key("outbox", str(partition)), *records)
             if plan.decisions_removed:
                 pipe.delete(*(self.key("decision", i) for i in plan.decisions_removed))
+            for decision_id in plan.decisions_superseded:
+                pipe.expire(self.key("decision", decision_id), settings.superseded_decision_ttl_s)
             for decision_id, decision in plan.decisions_set.items():
                 pipe.set(self.key("decision", decision_id), decision, ex=decision_ttl)
             for user_id, nba in plan.nba_set.items():

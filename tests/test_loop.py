@@ -173,6 +173,16 @@ def test_loop_plans_open_decide_and_default_then_a_tick_closes_into_the_outbox()
     assert tick.counters["decisions_closed"] == 1 and not loop.join.open
 
 
+def test_a_replaced_decision_is_marked_to_expire_soon() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+    first, second = BatchPlan(), BatchPlan()
+    states: dict[str, UserState | None] = {"u1": UserState()}
+    loop.plan(first, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=0)
+    loop.plan(second, [(ev("view", 2), 0)], states, Inputs(), now_ms=0)
+    assert not first.decisions_superseded
+    assert second.decisions_superseded == list(first.decisions_set)
+
+
 def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
     loop = loop_with(catalog_of(("i1", {})))
     opened = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=2)
