@@ -8,7 +8,8 @@ logger, click rewards), generated into a temporary JSONL file:
 * ``ips+snips``: load + validate + IPS/SNIPS (``uniform`` and ``logged`` targets, diagnostics
   and 1,000-replicate bootstrap intervals included) over ``--records`` records (default
   1,000,000), versus a loop that parses each line with orjson, checks it with
-  :func:`~loopwise.replay.check_record` and sums ``w r`` and ``w`` (point estimates only);
+  :func:`~loopwise.learners.log_record.check_record` and sums ``w r`` and ``w`` (point
+  estimates only);
 * ``ips+snips, 1 replicate``: the same replay with a single bootstrap replicate, to show what
   the intervals cost;
 * ``dr``: the same plus the cross-fitted VW reward model and DM/DR over ``--dr-records``
@@ -40,10 +41,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from loopwise.learners.log_record import LogRecord, check_record
 from loopwise.learners.ope import CrossFitRewardModel
-from loopwise.learners.targets import record_actions, record_shared
 from loopwise.learners.vw_policy import VWPolicy
-from loopwise.replay import check_record, replay
+from loopwise.replay import replay
 
 RESULTS = Path(__file__).parent / "results" / "ope.json"
 VW_TARGET = "--cb_explore_adf --squarecb"
@@ -115,6 +116,12 @@ def _records(path: Path, limit: int) -> Any:
                 yield record
 
 
+def _features(record: dict[str, Any]) -> tuple[dict[str, Any], list[Any]]:
+    """A checked record's ``(shared, actions)``, as every policy sees them."""
+    typed = LogRecord.from_dict(record, check=False)
+    return typed.shared(), typed.action_list()
+
+
 def _head(path: Path, n: int, out: Path) -> Path:
     with path.open("rb") as src, out.open("wb") as dst:
         for i, line in enumerate(src):
@@ -147,16 +154,10 @@ def loop_dr(path: Path, limit: int, seed: int) -> dict[str, float]:
     model = CrossFitRewardModel(folds=2, seed=seed)
     try:
         for i, record in enumerate(_records(path, limit)):
-            model.learn(
-                i,
-                record_shared(record),
-                record_actions(record),
-                record["chosen"],
-                record["reward"],
-            )
+            model.learn(i, *_features(record), record["chosen"], record["reward"])
         n, dm_sum, dr_sum = 0, 0.0, 0.0
         for i, record in enumerate(_records(path, limit)):
-            q = model.predict(i, record_shared(record), record_actions(record))
+            q = model.predict(i, *_features(record))
             k = len(record["actions"])
             dm = float(q.sum()) / k
             w = (1.0 / k) / record["propensity"]
@@ -174,7 +175,7 @@ def loop_vw(path: Path, limit: int, seed: int) -> dict[str, float]:
     wr_sum = w_sum = 0.0
     n = 0
     for record in _records(path, limit):
-        shared, actions = record_shared(record), record_actions(record)
+        shared, actions = _features(record)
         pmf = policy.pmf(shared, actions)
         c, p, r = record["chosen"], record["propensity"], record["reward"]
         w = float(pmf[c] / pmf.sum()) / p

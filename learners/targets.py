@@ -2,8 +2,10 @@
 
 Every target answers the same two calls, record by record in log order::
 
-    pmf = target.pmf(record)     # pi(.|x) over record["actions"], or None: excluded
+    pmf = target.pmf(record)     # pi(.|x) over record.actions, or None: excluded
     target.update(record)        # progressive targets learn from the logged outcome; else no-op
+
+where ``record`` is a valid :class:`~loopwise.learners.log_record.LogRecord`.
 
 ``pmf`` returns None for a record the target cannot score, and counts why in
 ``target.excluded`` (``{reason: count}``); such rounds leave the candidate's estimates.
@@ -26,8 +28,9 @@ Names (as on the command line, see :func:`make_target`):
   :class:`~loopwise.learners.linucb.LinUCBPolicy`
   on river, progressive too.
 
-The shared features a policy sees are ``{"user": record["user_features"] or {"user_id": ...},
-"context": record["context"]}``, as when the decision was made.
+A policy sees a record's :meth:`~loopwise.learners.log_record.LogRecord.shared` and
+:meth:`~loopwise.learners.log_record.LogRecord.action_list`, as the learner does and as when the
+decision was made.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import numpy as np
 import numpy.typing as npt
 import orjson
 
+from loopwise.learners.log_record import LogRecord
 from loopwise.learners.policy import Action, FloatArray, Policy, SnapshotError, restore
 
 BoolArray = npt.NDArray[np.bool_]
@@ -56,8 +60,6 @@ __all__ = [
     "UniformTarget",
     "VWTarget",
     "make_target",
-    "record_actions",
-    "record_shared",
 ]
 
 _PMF_TOLERANCE = 1e-6
@@ -67,17 +69,6 @@ class TargetError(ValueError):
     """A target cannot be built (bad name, missing or malformed file); says what to fix."""
 
 
-def record_shared(record: Mapping[str, Any]) -> dict[str, Any]:
-    """``{"user": ..., "context": ...}`` of a log record, as a policy's ``shared`` argument."""
-    user = record.get("user_features") or {"user_id": record.get("user_id")}
-    return {"user": user, "context": record.get("context") or {}}
-
-
-def record_actions(record: Mapping[str, Any]) -> list[Action]:
-    """The record's candidate actions as :class:`~loopwise.learners.policy.Action` objects."""
-    return [Action(str(a["id"]), a.get("features") or {}) for a in record["actions"]]
-
-
 @runtime_checkable
 class TargetPolicy(Protocol):
     """What every target answers (see the module docstring)."""
@@ -85,16 +76,16 @@ class TargetPolicy(Protocol):
     name: str
     excluded: dict[str, int]
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        """``pi(.|x)`` over ``record["actions"]``, or None (the reason is counted)."""
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        """``pi(.|x)`` over ``record.actions``, or None (the reason is counted)."""
         ...
 
-    def update(self, record: Mapping[str, Any]) -> None:
+    def update(self, record: LogRecord) -> None:
         """Learn from the logged outcome (progressive targets), after :meth:`pmf`."""
         ...
 
     def score(
-        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+        self, records: Sequence[LogRecord], sizes: IntArray, logged_pmf: FloatArray
     ) -> tuple[FloatArray, BoolArray]:
         """A chunk at once: ``pmf`` then ``update`` per record; ``(flat pmf, scored mask)``."""
         ...
@@ -111,16 +102,16 @@ class _Target:
     def _exclude(self, reason: str, count: int = 1) -> None:
         self.excluded[reason] = self.excluded.get(reason, 0) + count
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        """``pi(.|x)`` over ``record["actions"]``, or None (the reason is counted)."""
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        """``pi(.|x)`` over ``record.actions``, or None (the reason is counted)."""
         raise NotImplementedError
 
-    def update(self, record: Mapping[str, Any]) -> None:
+    def update(self, record: LogRecord) -> None:
         """Frozen target: nothing to learn."""
 
     def score(
         self,
-        records: Sequence[Mapping[str, Any]],
+        records: Sequence[LogRecord],
         sizes: IntArray,
         logged_pmf: FloatArray,
     ) -> tuple[FloatArray, BoolArray]:
@@ -163,12 +154,12 @@ class UniformTarget(_Target):
     name = "uniform"
     validated = True
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        k = len(record["actions"])
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        k = len(record.actions)
         return np.full(k, 1.0 / k)
 
     def score(
-        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+        self, records: Sequence[LogRecord], sizes: IntArray, logged_pmf: FloatArray
     ) -> tuple[FloatArray, BoolArray]:
         """In bulk: ``1 / K_i`` repeated ``K_i`` times."""
         flat: FloatArray = np.repeat(1.0 / sizes, sizes)
@@ -179,17 +170,17 @@ class LoggedTarget(_Target):
     """The logger's own pmf (records without a ``pmf`` are excluded: ``logged_pmf_missing``)."""
 
     name = "logged"
-    validated = True  # the record's pmf passed loopwise.replay.check_record
+    validated = True  # the record's pmf passed loopwise.learners.log_record.check_record
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        pmf = record.get("pmf")
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        pmf = record.pmf
         if pmf is None:
             self._exclude("logged_pmf_missing")
             return None
         return np.asarray(pmf, dtype=np.float64)
 
     def score(
-        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+        self, records: Sequence[LogRecord], sizes: IntArray, logged_pmf: FloatArray
     ) -> tuple[FloatArray, BoolArray]:
         """In bulk: the logged pmf column; records without one are not scored."""
         offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
@@ -225,15 +216,15 @@ class PmfFileTarget(_Target):
         """File entries whose decision_id no scored record had."""
         return len(self._pmfs) - len(self._used)
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        decision_id = record.get("decision_id")
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        decision_id = record.decision_id
         pmf = self._pmfs.get(decision_id) if isinstance(decision_id, str) else None
         if pmf is None:
             self._exclude("pmf_file_missing_decision")
             return None
         assert isinstance(decision_id, str)
         self._used.add(decision_id)
-        if len(pmf) != len(record["actions"]):
+        if len(pmf) != len(record.actions):
             self._exclude("pmf_file_length_mismatch")
             return None
         return pmf
@@ -285,8 +276,8 @@ class _PolicyTarget(_Target):
         self.policy = policy
         self.progressive = progressive
 
-    def pmf(self, record: Mapping[str, Any]) -> FloatArray | None:
-        return self._pmf(record_shared(record), record_actions(record))
+    def pmf(self, record: LogRecord) -> FloatArray | None:
+        return self._pmf(record.shared(), record.action_list())
 
     def _pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray | None:
         p = np.asarray(self.policy.pmf(shared, list(actions)), dtype=np.float64)
@@ -300,29 +291,29 @@ class _PolicyTarget(_Target):
             return None
         return out
 
-    def update(self, record: Mapping[str, Any]) -> None:
+    def update(self, record: LogRecord) -> None:
         if self.progressive:
-            self._learn(record, record_shared(record), record_actions(record))
+            self._learn(record, record.shared(), record.action_list())
 
     def _learn(
-        self, record: Mapping[str, Any], shared: Mapping[str, Any], actions: Sequence[Action]
+        self, record: LogRecord, shared: Mapping[str, Any], actions: Sequence[Action]
     ) -> None:
         self.policy.learn(
             shared,
             list(actions),
-            int(record["chosen"]),
-            float(record["propensity"]),
-            float(record["reward"]),
+            record.chosen,
+            float(record.propensity),
+            float(record.reward),
         )
 
     def score(
-        self, records: Sequence[Mapping[str, Any]], sizes: IntArray, logged_pmf: FloatArray
+        self, records: Sequence[LogRecord], sizes: IntArray, logged_pmf: FloatArray
     ) -> tuple[FloatArray, BoolArray]:
         """Record by record: score, then (progressive) learn; the features are built once."""
         parts: list[FloatArray] = []
         scored = np.ones(len(records), dtype=np.bool_)
         for i, record in enumerate(records):
-            shared, actions = record_shared(record), record_actions(record)
+            shared, actions = record.shared(), record.action_list()
             pmf = self._pmf(shared, actions)
             if pmf is None:
                 scored[i] = False

@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from loopwise.learners.log_record import check_record
 from loopwise.learners.ope import (
     DR,
     IPS,
@@ -28,7 +29,7 @@ from loopwise.learners.ope import (
 from loopwise.learners.policy import apply_floor
 from loopwise.learners.targets import TargetError, make_target
 from loopwise.producers.simulator import MarketConfig, Marketplace
-from loopwise.replay import ReplayError, _Problems, _validate, check_record, replay
+from loopwise.replay import ReplayError, _Problems, _validate, replay
 
 # ------------------------------------------------------------------------------ helpers
 
@@ -342,6 +343,9 @@ _MUTATIONS: list[tuple[str, Any]] = [
     ("pmf", [True, 0.0]), ("pmf", [1.5, -0.5]), ("pmf", [0.5, float("nan")]),
     ("pmf", [0.5, 0.5 + 1e-6]), ("pmf", [0.5, 0.5 + 1e-6 + 1e-15]), ("pmf", [0.5, 0.5 - 1e-6]),
     ("pmf", [1, 0]), ("pmf", [0.5 + 1e-10, 0.5]), ("pmf", [0.5, 0.5, 0.0]),
+    ("user_features", None), ("user_features", {}), ("user_features", []),
+    ("user_features", "u1"), ("actions", [{"id": "a", "features": None}, {"id": "b"}]),
+    ("actions", [{"id": "a", "features": ["x"]}, {"id": "b"}]),
 ]  # fmt: skip
 
 

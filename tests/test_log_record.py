@@ -1,0 +1,178 @@
+"""The propensity-log record: each rule's reason, the features a policy sees (unit tests)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import orjson
+import pytest
+
+from loopwise.learners.log_record import (
+    REASONS,
+    LogRecord,
+    LogRecordError,
+    check_record,
+)
+from loopwise.learners.policy import Action
+from loopwise.streams.reward_join import Decision, OpenDecision, RewardJoin, RewardRule
+
+
+def _open_decision() -> OpenDecision:
+    decision = Decision(
+        decision_id="5f0c9a7e2b1d4c3e8a6f0b9d7c2e1a43",
+        user_id="u-42",
+        arm="vw",
+        policy_version="vw/vw/18211",
+        computed_at=1_767_225_599_000,
+        context={"device": "desktop"},
+        user_features={"user_id": "u-42", "views": 12, "clicks": 3, "aff:shoes": 0.8125},
+        actions=[
+            {"id": "item-3", "features": {"category": "bags", "price": 49.0}},
+            {"id": "item-7", "features": {"category": "shoes", "price": 19.99}},
+            {"id": "item-9", "features": {"category": "shoes", "price": 89.5}},
+        ],
+        pmf=[0.0206, 0.9588, 0.0206],
+        chosen=1,
+    )
+    return OpenDecision(
+        decision, 1_767_225_600_000, 1_767_225_600_123, {"device": "mobile", "hour": 20},
+        clicks=1, purchases=1, revenue=19.990000001,
+    )  # fmt: skip
+
+
+def _old_record(join: RewardJoin, open_decision: OpenDecision) -> dict[str, Any]:
+    """The dict RewardJoin.record built before LogRecord existed (the bytes on existing logs)."""
+    d = open_decision.decision
+    reward = join.rule(open_decision.clicks, open_decision.purchases, open_decision.revenue)
+    return {
+        "decision_id": d.decision_id,
+        "timestamp": open_decision.shown_at,
+        "user_id": d.user_id,
+        "arm": d.arm,
+        "policy_version": d.policy_version,
+        "context": open_decision.context,
+        "user_features": d.user_features,
+        "actions": d.actions,
+        "chosen": d.chosen,
+        "propensity": d.pmf[d.chosen],
+        "pmf": d.pmf,
+        "reward": reward,
+        "reward_components": {
+            "clicks": open_decision.clicks,
+            "purchases": open_decision.purchases,
+            "revenue": round(open_decision.revenue, 6),
+        },
+    }
+
+
+def test_values_are_kept_as_read_and_unknown_fields_are_not() -> None:
+    raw = b'{"actions":[{"id":"a"}],"chosen":0,"propensity":1,"reward":2,"future":true}'
+    record = LogRecord.from_json(raw)
+    assert record.propensity == 1 and type(record.propensity) is int
+    assert record.context == {} and record.pmf is None and record.decision_id is None
+    assert b'"future"' not in record.to_json()
+    assert orjson.loads(record.to_json())["context"] == {}
+
+
+GOOD: dict[str, Any] = orjson.loads(
+    orjson.dumps(_old_record(RewardJoin(1000, RewardRule()), _open_decision()))
+)
+
+# One broken record per reason of check_record, in the order the rules apply.
+BROKEN: list[tuple[str, dict[str, Any], str]] = [
+    ("invalid_actions", {"actions": []}, "non-empty list"),
+    ("invalid_actions", {"actions": "item-3"}, "non-empty list"),
+    ("invalid_actions", {"actions": [{"id": "a"}, {"features": {}}]}, 'with an "id"'),
+    ("invalid_context", {"context": None}, "context must be an object"),
+    ("invalid_context", {"context": ["mobile"]}, "context must be an object"),
+    ("missing_chosen", {"chosen": None}, "no chosen"),
+    ("chosen_out_of_range", {"chosen": 3}, "chosen=3 with 3 actions"),
+    ("chosen_out_of_range", {"chosen": True}, "chosen=True"),
+    ("chosen_out_of_range", {"chosen": 1.0}, "chosen=1.0"),
+    ("missing_propensity", {"propensity": None}, "no propensity"),
+    ("invalid_propensity", {"propensity": 0.0}, "propensity=0.0 is not in (0, 1]"),
+    ("invalid_propensity", {"propensity": 1.5}, "propensity=1.5"),
+    ("invalid_propensity", {"propensity": "0.9588"}, "propensity='0.9588'"),
+    ("invalid_propensity", {"propensity": float("nan")}, "propensity=nan"),
+    ("invalid_pmf", {"pmf": [0.5, 0.5]}, "one probability per action"),
+    ("invalid_pmf", {"pmf": [0.5, 0.6, -0.1]}, "one probability per action"),
+    ("invalid_pmf", {"pmf": [0.0206, 0.9588, 0.03]}, "summing to 1"),
+    ("propensity_pmf_mismatch", {"propensity": 0.9}, "propensity=0.9 but pmf[1]=0.9588"),
+    ("missing_reward", {"reward": None}, "no reward"),
+    ("invalid_reward", {"reward": float("inf")}, "reward=inf"),
+    ("invalid_reward", {"reward": False}, "reward=False"),
+]
+
+
+@pytest.mark.parametrize(("reason", "change", "detail"), BROKEN)
+def test_each_rule_refuses_with_its_reason(
+    reason: str, change: dict[str, Any], detail: str
+) -> None:
+    record = {**GOOD, **change}
+    bad = check_record(record)
+    assert bad is not None and bad[0] == reason
+    with pytest.raises(LogRecordError) as info:
+        LogRecord.from_dict(record)
+    assert info.value.reason == reason and detail in info.value.detail
+    assert isinstance(info.value, ValueError) and str(info.value).startswith(f"{reason}: ")
+    if all(math.isfinite(v) for v in change.values() if isinstance(v, float)):  # JSON has no NaN
+        with pytest.raises(LogRecordError, match=f"^{reason}: "):
+            LogRecord.from_json(orjson.dumps(record))
+
+
+def test_every_reason_is_tested_and_bytes_have_their_own() -> None:
+    for raw, reason in (
+        (b"{not json", "invalid_json"),
+        (b'{"propensity": NaN}', "invalid_json"),
+        (b"[1, 2]", "not_an_object"),
+        (b"null", "not_an_object"),
+        (None, "tombstone"),
+    ):
+        with pytest.raises(LogRecordError) as info:
+            LogRecord.from_json(raw)
+        assert info.value.reason == reason
+    assert {reason for reason, _, _ in BROKEN} | {"invalid_json", "not_an_object", "tombstone"} == (
+        set(REASONS)
+    )
+    # Absent is fine where the rules say so: context, user_features, pmf, the metadata.
+    minimal = {k: GOOD[k] for k in ("actions", "chosen", "propensity", "reward")}
+    assert check_record(minimal) is None
+    assert check_record({**GOOD, "user_features": None, "pmf": None}) is None
+    assert (
+        check_record({**GOOD, "actions": [{"id": 1}, {"id": 2, "features": None}, {"id": 3}]})
+        is None
+    )
+
+
+def test_shared_is_one_rule_for_a_missing_or_empty_user_features() -> None:
+    record = LogRecord.from_dict(GOOD)
+    assert record.shared() == {"user": GOOD["user_features"], "context": GOOD["context"]}
+    for user_features in (None, {}):
+        record.user_features = user_features
+        assert record.shared() == {"user": {"user_id": "u-42"}, "context": GOOD["context"]}
+    record.user_id = None
+    assert record.shared()["user"] == {}
+    without = LogRecord.from_dict({k: v for k, v in GOOD.items() if k != "user_features"})
+    assert without.shared()["user"] == {"user_id": "u-42"}  # a user with no state
+    # Not an object (the worker never writes one): valid, and counts as missing.
+    odd = LogRecord.from_dict({**GOOD, "user_features": ["u-42"]})
+    assert odd.shared()["user"] == {"user_id": "u-42"}
+
+
+def test_action_list() -> None:
+    listed = [
+        {"id": 7},
+        {"id": "b", "features": None},
+        {"id": "c", "features": {"x": 1}},
+        {"id": "d", "features": ["x"]},  # not an object: counts as none
+    ]
+    record = LogRecord.from_dict({**GOOD, "actions": listed, "pmf": None})
+    actions = record.action_list()
+    assert [(a.id, dict(a.features)) for a in actions] == [
+        ("7", {}),
+        ("b", {}),
+        ("c", {"x": 1}),
+        ("d", {}),
+    ]
+    assert all(isinstance(a, Action) for a in actions)
