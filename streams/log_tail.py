@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import orjson
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopwise.config import Settings
+from loopwise.learners.log_record import LogRecord, LogRecordError
 
 
 async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> set[str]:
@@ -30,9 +30,11 @@ async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> se
             for record in records:
                 position = record.offset + 1
                 try:
-                    ids.add(str(orjson.loads(record.value)["decision_id"]))
-                except (orjson.JSONDecodeError, KeyError, TypeError):
+                    decision_id = LogRecord.from_json(record.value, check=False).decision_id
+                except LogRecordError:
                     continue
+                if decision_id is not None:
+                    ids.add(str(decision_id))
         return ids
     finally:
         await consumer.stop()

@@ -23,8 +23,6 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-import orjson
-
 from loopwise.config import Settings
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.decisions import DecisionMaker, nba_json
@@ -159,7 +157,7 @@ class LearningLoop:
             decision_id = open_decision.decision.decision_id
             plan.join_removed.setdefault(open_decision.partition, []).append(decision_id)
             plan.decisions_removed.append(decision_id)
-            record = orjson.dumps(self.join.record(open_decision))
+            record = self.join.record(open_decision).to_json()
             plan.outbox.setdefault(open_decision.partition, []).append(record)
         plan.join_dropped.extend(changes.dropped)
         plan.decisions_removed.extend(changes.dropped)

@@ -30,6 +30,7 @@ from typing import Any
 
 import orjson
 
+from loopwise.learners.log_record import LogRecord
 from loopwise.streams.decoding import Event
 
 
@@ -247,29 +248,29 @@ class RewardJoin:
             changes.updated.discard(decision_id)
             changes.closed.append(open_decision)
 
-    def record(self, open_decision: OpenDecision) -> dict[str, Any]:
-        """The propensity-log record of a closed decision (docs/contracts.md)."""
+    def record(self, open_decision: OpenDecision) -> LogRecord:
+        """The propensity-log record of a closed decision (serialize it with ``to_json()``)."""
         d = open_decision.decision
         reward = self.rule(open_decision.clicks, open_decision.purchases, open_decision.revenue)
-        return {
-            "decision_id": d.decision_id,
-            "timestamp": open_decision.shown_at,
-            "user_id": d.user_id,
-            "arm": d.arm,
-            "policy_version": d.policy_version,
-            "context": open_decision.context,
-            "user_features": d.user_features,
-            "actions": d.actions,
-            "chosen": d.chosen,
-            "propensity": d.pmf[d.chosen],
-            "pmf": d.pmf,
-            "reward": reward,
-            "reward_components": {
+        return LogRecord(
+            decision_id=d.decision_id,
+            timestamp=open_decision.shown_at,
+            user_id=d.user_id,
+            arm=d.arm,
+            policy_version=d.policy_version,
+            context=open_decision.context,
+            user_features=d.user_features,
+            actions=d.actions,
+            chosen=d.chosen,
+            propensity=d.pmf[d.chosen],
+            pmf=d.pmf,
+            reward=reward,
+            reward_components={
                 "clicks": open_decision.clicks,
                 "purchases": open_decision.purchases,
                 "revenue": round(open_decision.revenue, 6),
             },
-        }
+        )
 
     def _track(self, open_decision: OpenDecision) -> None:
         decision = open_decision.decision

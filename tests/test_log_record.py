@@ -1,4 +1,5 @@
-"""The propensity-log record: each rule's reason, the features a policy sees (unit tests)."""
+"""The propensity-log record: the bytes it writes, each rule's reason and the features a policy
+sees (pure unit tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import orjson
 import pytest
 
 from loopwise.learners.log_record import (
+    FIELDS,
     REASONS,
     LogRecord,
     LogRecordError,
@@ -64,6 +66,18 @@ def _old_record(join: RewardJoin, open_decision: OpenDecision) -> dict[str, Any]
             "revenue": round(open_decision.revenue, 6),
         },
     }
+
+
+def test_the_writer_writes_the_same_bytes_as_the_old_dict_and_reads_them_back() -> None:
+    join = RewardJoin(1000, RewardRule(click=1.0, purchase=2.0, revenue=0.01))
+    open_decision = _open_decision()
+    record = join.record(open_decision)
+    old = orjson.dumps(_old_record(join, open_decision))
+    assert record.to_json() == old
+    assert tuple(orjson.loads(old)) == FIELDS
+    back = LogRecord.from_json(old)
+    assert back == record and back.to_json() == old
+    assert LogRecord.from_dict(orjson.loads(old)).to_json() == old
 
 
 def test_values_are_kept_as_read_and_unknown_fields_are_not() -> None:

@@ -49,9 +49,9 @@ def test_view_opens_click_rewards_watermark_closes() -> None:
     c = run(join, [ev("view", 1101, item="i9")], {})  # watermark passes 100 + 1000
     assert [o.decision.decision_id for o in c.closed] == ["d1"]
     record = join.record(c.closed[0])
-    assert record["reward"] == 1.0
-    assert record["propensity"] == record["pmf"][record["chosen"]] == 0.75
-    assert record["context"] == {"device": "mobile"}  # the view had none: the decision's
+    assert record.reward == 1.0
+    assert record.propensity == record.pmf[record.chosen] == 0.75
+    assert record.context == {"device": "mobile"}  # the view had none: the decision's
     assert not join.open
 
 
@@ -61,8 +61,8 @@ def test_reward_without_decision_id_goes_to_latest_view_of_that_item() -> None:
     c = run(join, [ev("purchase", 200, price=4.0, quantity=2), ev("click", 150, item="other")], {})
     assert c.counts == {"joined_rewards": 1, "unattributed_rewards": 1}
     (closed,) = run(join, [], {}, now=100 + WINDOW + 1).closed  # wall clock closes it
-    assert join.record(closed)["reward"] == 2 + 0.5 * 8.0
-    assert join.record(closed)["reward_components"] == {"clicks": 0, "purchases": 1, "revenue": 8.0}
+    assert join.record(closed).reward == 2 + 0.5 * 8.0
+    assert join.record(closed).reward_components == {"clicks": 0, "purchases": 1, "revenue": 8.0}
 
 
 def test_repeated_view_late_reward_unknown_and_mismatched_views() -> None:
@@ -85,7 +85,7 @@ def test_repeated_view_late_reward_unknown_and_mismatched_views() -> None:
         "mismatched_views": 1,
         "late_rewards": 1,
     }
-    assert [join.record(o)["reward"] for o in c.closed] == [-0.1]  # default reward
+    assert [join.record(o).reward for o in c.closed] == [-0.1]  # default reward
 
 
 def test_withdrawn_consent_drops_open_decisions_unlogged() -> None:
@@ -105,7 +105,7 @@ def test_open_decisions_survive_a_round_trip_through_json() -> None:
     c = run(restored, [ev("click", 300)], {})  # still attributed by item after the restart
     assert c.counts == {"joined_rewards": 1}
     (closed,) = run(restored, [ev("view", 5000, item="x")], {}).closed
-    assert closed.clicks == 2 and restored.record(closed)["reward"] == 1.0
+    assert closed.clicks == 2 and restored.record(closed).reward == 1.0
 
 
 def test_json_of_decisions_is_the_dataclass_fields_in_order() -> None:
@@ -135,4 +135,4 @@ def test_a_partition_running_ahead_closes_nothing_on_the_others() -> None:
     assert c.counts.get("joined_rewards") == 1  # still open: its click joins it
     c = run(join, [(ev("view", 100 + WINDOW + 1, item="i9")[0], 0)], {})  # its own partition
     assert [o.decision.decision_id for o in c.closed] == ["d1"]
-    assert join.record(c.closed[0])["reward"] == 1.0
+    assert join.record(c.closed[0]).reward == 1.0
