@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Mapping, MutableMapping, Sequence
 from typing import Any
 
@@ -28,7 +29,8 @@ import orjson
 import redis.asyncio as aioredis
 
 from loopwise.config import Settings
-from loopwise.learners.policy import Action, Policy, restore
+from loopwise.learners.log_record import LogRecord, LogRecordError
+from loopwise.learners.policy import Policy, restore
 from loopwise.learners.popularity import ItemPopularity
 from loopwise.learners.river_models import RewardMonitor
 from loopwise.streams.decisions import POPULARITY_HALF_LIFE
@@ -77,6 +79,8 @@ class Learner:
         self.offsets: dict[int, int] = {}
         self.learned = 0
         self.skipped = 0
+        self.invalid = 0  # records that are not valid log records: never learned
+        self.invalid_reasons: Counter[str] = Counter()
         self._snapshot_at = time.monotonic()
         self.monitors: dict[str, RewardMonitor] = {}
 
@@ -101,33 +105,43 @@ class Learner:
         log.info("restored models %s at log offsets %s", versions, self.offsets)
         return True
 
-    def learn(self, records: Sequence[tuple[int, int, bytes]]) -> int:
-        """Learn from (partition, offset, value) records in log order; the number learned."""
+    def learn(self, records: Sequence[tuple[int, int, bytes | None]]) -> int:
+        """Learn from (partition, offset, value) records in log order; the number learned.
+
+        A value that is not a valid log record (:func:`loopwise.learners.log_record.check_record`:
+        the replay's rules) is skipped with a warning naming the reason and counted in
+        :attr:`invalid` and :attr:`invalid_reasons`; its offset counts as consumed.
+        """
         learned = 0
+        holdout = self.settings.holdout_arm
         for partition, offset, value in records:
             if offset < self.offsets.get(partition, 0):
                 self.skipped += 1
                 continue
             self.offsets[partition] = offset + 1
             try:
-                example = orjson.loads(value)
-                shared = {"user": example.get("user_features") or {}, "context": example["context"]}
-                actions = [
-                    Action(str(a["id"]), a.get("features") or {}) for a in example["actions"]
-                ]
-                chosen, propensity = int(example["chosen"]), float(example["propensity"])
-                reward = float(example["reward"])
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                log.warning("log record %d@%d not learnable: %r", offset, partition, exc)
+                record = LogRecord.from_json(value)
+            except LogRecordError as exc:
+                self.invalid += 1
+                self.invalid_reasons[exc.reason] += 1
+                log.warning(
+                    "log record at partition %d offset %d not learned: %s (%s)",
+                    partition,
+                    offset,
+                    exc.reason,
+                    exc.detail,
+                )
                 continue
-            holdout = self.settings.holdout_arm
+            shared, actions = record.shared(), record.action_list()
+            chosen, reward = record.chosen, float(record.reward)
+            propensity = float(record.propensity)
             for arm, policy in self.policies.items():
                 # The holdout learns only from its own traffic: a holdout that learned from
                 # the personalized arms' choices would no longer measure "without them".
-                if arm != holdout or example.get("arm") == holdout:
+                if arm != holdout or record.arm == holdout:
                     policy.learn(shared, actions, chosen, propensity, reward)
             self._count_popularity(actions[chosen].id, reward)
-            self._watch(str(example.get("arm") or "unknown"), reward)
+            self._watch(str(record.arm or "unknown"), reward)
             learned += 1
         self.learned += learned
         return learned

@@ -183,26 +183,24 @@ def test_an_unparseable_record_is_not_learned_and_the_learner_moves_on(value: by
     assert learner.learned == 2 and learner.monitor_summary()["vw"]["n"] == 2
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(AttributeError, IndexError, AssertionError),
-    reason="learn() checks only that the fields parse: JSON that is not an object raises "
-    "AttributeError, a chosen index outside the actions IndexError (with real policies: "
-    "check_learn_args' ValueError, after some policies learned it), a propensity of 0 is "
-    "learned; the typed log record should refuse all three when parsing",
-)
 @pytest.mark.parametrize(
-    ("field", "bad"),
-    [(b"", b"[1, 2]"), (b'"chosen":0', b'"chosen":9'), (b'"propensity":0.25', b'"propensity":0.0')],
+    ("field", "bad", "reason"),
+    [
+        (b"", b"[1, 2]", "not_an_object"),
+        (b'"chosen":0', b'"chosen":9', "chosen_out_of_range"),
+        (b'"propensity":0.25', b'"propensity":0.0', "invalid_propensity"),
+    ],
     ids=["not-an-object", "chosen-out-of-range", "propensity-zero"],
 )
 def test_an_impossible_record_is_not_learned_and_the_learner_moves_on(
-    field: bytes, bad: bytes
+    field: bytes, bad: bytes, reason: str
 ) -> None:
+    """The log record's rules (replay's) refuse it when parsing, before any policy sees it."""
     value = log_record().replace(field, bad) if field else bad
     learner = recording_learner()
     assert learner.learn([(0, 0, value), (0, 1, log_record(user="after"))]) == 1
     assert [call[0] for call in calls(learner, "vw")] == ["after"]
+    assert learner.invalid == 1 and learner.invalid_reasons == {reason: 1}
 
 
 # ------------------------------------------------------------------ popularity (pre-filter)

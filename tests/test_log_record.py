@@ -1,14 +1,22 @@
-"""The propensity-log record: the bytes it writes, each rule's reason and the features a policy
-sees (pure unit tests)."""
+"""The propensity-log record: the bytes it writes, each rule's reason, the features a policy sees,
+and the learner and the replay accepting exactly the same records (pure unit tests)."""
 
 from __future__ import annotations
 
 import math
+import tempfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from loopwise.config import load_settings
+from loopwise.learners.features import vw_adf_lines
 from loopwise.learners.log_record import (
     FIELDS,
     REASONS,
@@ -16,7 +24,9 @@ from loopwise.learners.log_record import (
     LogRecordError,
     check_record,
 )
-from loopwise.learners.policy import Action
+from loopwise.learners.policy import Action, check_learn_args
+from loopwise.replay import _chunks, _Problems, _validate
+from loopwise.streams.learner import Learner
 from loopwise.streams.reward_join import Decision, OpenDecision, RewardJoin, RewardRule
 
 
@@ -190,3 +200,105 @@ def test_action_list() -> None:
         ("d", {}),
     ]
     assert all(isinstance(a, Action) for a in actions)
+
+
+# ------------------------------------------------- the learner and the replay: the same records
+
+
+class _CheckingPolicy:
+    """A policy that checks every learn call as real ones do, and featurizes it as VW would."""
+
+    name = "vw"
+    version = 0
+
+    def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> Any:
+        raise NotImplementedError
+
+    def learn(
+        self,
+        shared: Mapping[str, Any],
+        actions: Sequence[Action],
+        chosen: int,
+        propensity: float,
+        reward: float,
+    ) -> None:
+        check_learn_args(len(actions), chosen, propensity, reward)
+        vw_adf_lines(shared, actions, (chosen, -reward, propensity))
+        self.version += 1
+
+    def snapshot(self) -> bytes:
+        raise NotImplementedError
+
+
+_BREAKAGE: list[tuple[str, Any]] = [
+    ("propensity", 0.0), ("propensity", -0.5), ("propensity", 1.0000001), ("propensity", "0.5"),
+    ("propensity", True), ("propensity", None), ("propensity", 1), ("reward", "1"),
+    ("reward", None), ("reward", 3), ("chosen", -1), ("chosen", 2), ("chosen", 1.0),
+    ("chosen", True), ("chosen", None), ("context", None), ("context", []), ("context", ...),
+    ("actions", []), ("actions", "item-0"), ("actions", [{"id": "a"}, "b"]),
+    ("actions", [{"id": "a"}, {}]), ("actions", [{"id": "a", "features": ["x"]}, {"id": "b"}]),
+    ("actions", [{"id": "a", "features": None}, {"id": 2}]), ("pmf", None), ("pmf", [0.5]),
+    ("pmf", [0.5, "0.5"]), ("pmf", [1.5, -0.5]), ("pmf", [0.5, 0.5 + 1e-6 + 1e-15]),
+    ("pmf", [1, 0]), ("pmf", [0.5 + 1e-10, 0.5]), ("user_features", None),
+    ("user_features", {}), ("user_features", []), ("user_features", "u1"), ("user_features", ...),
+    ("user_id", ...), ("arm", "popularity"), ("arm", 3),
+]  # fmt: skip
+_NOT_RECORDS = [b"{not json", b'{"reward": NaN}', b"[1, 2]", b'"a record"', b"null", b"3"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.lists(st.sampled_from(range(len(_BREAKAGE))), max_size=3),
+            st.sampled_from(range(len(_NOT_RECORDS))),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_the_learner_and_the_replay_accept_and_refuse_the_same_records(
+    plan: list[list[int] | int],
+) -> None:
+    """Every log line goes to Learner.learn and to the replay's reader and bulk validation:
+    the same lines are used, and the same reasons are counted for the others."""
+    lines: list[bytes] = []
+    for i, step in enumerate(plan):
+        if isinstance(step, int):
+            lines.append(_NOT_RECORDS[step])
+            continue
+        record: dict[str, Any] = {
+            **GOOD,
+            "decision_id": f"d{i}",
+            "actions": [{"id": f"item-{i}", "features": {"category": "c"}}, {"id": "item-x"}],
+            "chosen": i % 2,
+            "propensity": 0.5,
+            "pmf": [0.5, 0.5],
+            "reward": float(i % 3 == 0),
+        }
+        for b in step:
+            key, value = _BREAKAGE[b]
+            if value is ...:
+                record.pop(key, None)
+            else:
+                record[key] = value
+        lines.append(orjson.dumps(record))
+
+    s = load_settings(arms={"vw": 1.0}, holdout_arm="popularity")
+    policies: dict[str, Any] = {"vw": _CheckingPolicy(), "popularity": _CheckingPolicy()}
+    learner = Learner(s, client=None, policies=policies)  # type: ignore[arg-type]
+    learned = [i for i, raw in enumerate(lines) if learner.learn([(0, i, raw)]) == 1]
+    assert learner.learned == len(learned) and learner.invalid == len(lines) - len(learned)
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "log.jsonl"
+        path.write_bytes(b"\n".join(lines) + b"\n")
+        problems = _Problems()
+        used: list[int] = []
+        for items in _chunks(str(path), None, problems, 7):
+            kept, _ = _validate(items, problems, str(path))
+            line_of = {id(record): number for number, record in items}
+            used += [int(line_of[id(record)]) - 1 for record in kept]
+    assert learned == used
+    assert learner.invalid_reasons == Counter(problems.counts)
+    assert policies["vw"].version == len(learned)
