@@ -1,11 +1,8 @@
 """``loopwise export``: copy the propensity log from Kafka to a JSONL or Parquet file.
 
 The propensity log (topic ``settings.propensity_log_topic``) holds one JSON record per closed
-decision, as in docs/contracts.md::
-
-    {"decision_id", "timestamp", "user_id", "arm", "policy_version", "context": {…},
-     "actions": [{"id", "features": {…}}…], "chosen", "propensity", "pmf": [float…],
-     "reward", "reward_components": {…}}
+decision (:mod:`loopwise.learners.log_record`, docs/contracts.md §6); the export copies the
+messages as they are, valid or not, unknown fields included.
 
 :func:`export_log` reads every partition of the topic with kafka-python, without a consumer
 group (partitions are assigned, never subscribed, and no offset is committed), from a start
@@ -52,6 +49,7 @@ from rich.progress import (
 )
 
 from loopwise.config import Settings
+from loopwise.learners.log_record import FIELD_KINDS, FIELDS
 
 SUFFIXES = (".jsonl", ".parquet")
 PARQUET_FORMAT = "loopwise.propensity-log/1"
@@ -62,25 +60,15 @@ STALL_TIMEOUT_S = 60.0  # no message and no progress for this long: the broker i
 # verified each batch's CRC when it was appended, and every record is JSON-decoded here).
 _FAST_CRC32C = find_spec("crc32c") is not None
 
-# The record fields (docs/contracts.md) stored in typed Parquet columns (the rest: ``extra_json``).
-_STRINGS = ("decision_id", "user_id", "arm", "policy_version")
-_INTS = ("timestamp", "chosen")
-_FLOATS = ("propensity", "reward")
-_JSONS = ("context", "reward_components")
-_FIELDS = (
-    "decision_id",
-    "timestamp",
-    "user_id",
-    "arm",
-    "policy_version",
-    "context",
-    "actions",
-    "chosen",
-    "propensity",
-    "pmf",
-    "reward",
-    "reward_components",
-)
+# The record fields with a typed Parquet column, in record order, typed by their kind in the
+# record module; the rest (unknown fields too) go to ``extra_json``. ``user_features`` has no
+# column: the /1 layout keeps it in ``extra_json`` (docs/contracts.md §7), and a column of its
+# own would hide it from the readers of that layout.
+_FIELDS = tuple(name for name in FIELDS if name != "user_features")
+_STRINGS = tuple(name for name in _FIELDS if FIELD_KINDS[name] == "string")
+_INTS = tuple(name for name in _FIELDS if FIELD_KINDS[name] == "integer")
+_FLOATS = tuple(name for name in _FIELDS if FIELD_KINDS[name] == "number")
+_JSONS = tuple(name for name in _FIELDS if FIELD_KINDS[name] == "object")
 _INT64 = (-(2**63), 2**63 - 1)
 
 
@@ -572,20 +560,17 @@ def parquet_schema() -> Any:
     import pyarrow as pa
 
     action = pa.struct([("id", pa.string()), ("features_json", pa.string())])
+    of_kind = {
+        "string": pa.string(),
+        "integer": pa.int64(),
+        "number": pa.float64(),
+        "object": pa.string(),  # JSON text
+        "numbers": pa.list_(pa.float64()),
+        "actions": pa.list_(action),
+    }
     return pa.schema(
-        [
-            ("decision_id", pa.string()),
-            ("timestamp", pa.int64()),
-            ("user_id", pa.string()),
-            ("arm", pa.string()),
-            ("policy_version", pa.string()),
-            ("context", pa.string()),
-            ("actions", pa.list_(action)),
-            ("chosen", pa.int64()),
-            ("propensity", pa.float64()),
-            ("pmf", pa.list_(pa.float64())),
-            ("reward", pa.float64()),
-            ("reward_components", pa.string()),
+        [(name, of_kind[FIELD_KINDS[name]]) for name in _FIELDS]
+        + [
             ("extra_json", pa.string()),
             ("kafka_partition", pa.int32()),
             ("kafka_offset", pa.int64()),
@@ -713,12 +698,12 @@ def record_to_row(record: dict[str, Any]) -> dict[str, Any]:
                 extra[name] = value
         elif name in _JSONS:
             row[name] = _json(value)
-        elif name == "pmf":
+        elif FIELD_KINDS[name] == "numbers":
             if isinstance(value, list) and all(_is_float(p) for p in value):
                 row[name] = [float(p) for p in value]
             else:
                 extra[name] = value
-        elif name == "actions":
+        elif FIELD_KINDS[name] == "actions":
             column = _actions_to_column(value)
             if column is None:
                 extra[name] = value
@@ -737,7 +722,7 @@ def row_to_record(row: dict[str, Any]) -> dict[str, Any]:
             continue
         if name in _JSONS:
             record[name] = orjson.loads(value)
-        elif name == "actions":
+        elif FIELD_KINDS[name] == "actions":
             actions = []
             for action in value:
                 item: dict[str, Any] = {"id": action["id"]}

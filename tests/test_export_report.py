@@ -28,6 +28,7 @@ from loopwise.export import (
     read_log,
     write_parquet,
 )
+from loopwise.learners.log_record import FIELDS
 from loopwise.replay import ReplayError, replay
 from loopwise.report import build_report, mean_ci, plot_report, print_report, rolling_mean
 from loopwise.streams.topics import ensure_topics
@@ -260,6 +261,8 @@ def _records(n: int, seed: int = 1) -> list[dict[str, Any]]:
             record["reward"] = None  # null stays null
         if i % 41 == 0:
             record["actions"] = [{"id": 7, "features": {}}]  # an int id: kept via extra_json
+        if i % 3 == 0:  # as the worker writes it (no column of its own: kept via extra_json)
+            record["user_features"] = {"user_id": record["user_id"], "views": i % 5}
         out.append(record)
     return out
 
@@ -281,6 +284,8 @@ def test_parquet_layout_round_trips_exactly(tmp_path: Path) -> None:
     assert str(schema.field("pmf").type) == "list<element: double>"
     assert str(schema.field("context").type) == "string"
     assert schema.metadata[b"loopwise.format"] == b"loopwise.propensity-log/1"
+    typed = [name for name in FIELDS if name != "user_features"]  # the record's, in order
+    assert schema.names[: len(typed)] == typed and "user_features" not in schema.names
     row = pq.read_table(path).slice(1, 1).to_pylist()[0]
     assert orjson.loads(row["context"]) == records[1]["context"]
     assert row["extra_json"] is None  # an ordinary record needs nothing extra
