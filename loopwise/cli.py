@@ -607,16 +607,12 @@ def export(
     Time ranges are by the time a record was logged (its decision closed);
     ranges are half-open, [from, to).
     """
-    from loopwise.export import export_log, parse_time
+    from loopwise.export import LogRange, export_log
 
     report = export_log(
         _settings(ctx),
         out,
-        start_ms=parse_time(start) if start else None,
-        end_ms=parse_time(end) if end else None,
-        start_offset=start_offset,
-        end_offset=end_offset,
-        partitions=list(partitions) or None,
+        LogRange.parse(start, end, start_offset, end_offset, partitions),
         progress=progress,
         console=console,
     )
@@ -726,20 +722,10 @@ def replay(
       loopwise replay log.parquet --target logged --target uniform \\
         --target 'vw:--cb_explore_adf --squarecb' --report replay-report/
     """
-    from loopwise.export import parse_time
+    from loopwise.export import LogRange
     from loopwise.replay import DEFAULT_ESTIMATORS, print_table, replay_details
 
-    kafka_range = {
-        key: value
-        for key, value in (
-            ("start_ms", parse_time(start) if start is not None else None),
-            ("end_ms", parse_time(end) if end is not None else None),
-            ("start_offset", start_offset),
-            ("end_offset", end_offset),
-            ("partitions", list(partitions) or None),
-        )
-        if value is not None
-    }
+    kafka_range = LogRange.parse(start, end, start_offset, end_offset, partitions)
     result, details = replay_details(
         list(logs),
         list(targets),

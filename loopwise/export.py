@@ -11,7 +11,8 @@ left for the next one. It streams: at most ``chunk`` messages are in memory at a
 larger than memory exports fine. :func:`read_log` reads both formats back, and
 :func:`iter_kafka_log` yields the same records straight from the topic.
 
-Which messages are exported (every condition must hold; the ranges are half-open):
+Which messages are exported (a :class:`LogRange`; every condition must hold, the ranges are
+half-open):
 
 * offset range ``start_offset <= offset < end_offset``, applied to each partition;
 * time range ``start_ms <= ts < end_ms``, where ``ts`` is the Kafka message timestamp (ms since
@@ -156,6 +157,68 @@ class LogMessage:
     problem: tuple[str, str] | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class LogRange:
+    """Which propensity-log messages to read; every bound is optional, both ranges half-open.
+
+    * offsets ``start_offset <= offset < end_offset``, in each partition read;
+    * Kafka timestamps ``start_ms <= ts < end_ms`` (ms since the epoch; the producer's
+      CreateTime unless the topic uses LogAppendTime);
+    * ``partitions``: only these (sorted, without repeats), or None for every partition.
+
+    Validated when built (:class:`ExportError`): no negative bound, no empty range (the end is
+    exclusive and must exceed the start), at least one partition when ``partitions`` is given.
+    ``LogRange()`` is the whole log. :meth:`parse` builds one from command-line options.
+    """
+
+    start_ms: int | None = None
+    end_ms: int | None = None
+    start_offset: int | None = None
+    end_offset: int | None = None
+    partitions: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        _check_range("offset", self.start_offset, self.end_offset)
+        _check_range("time", self.start_ms, self.end_ms)
+        if self.partitions is not None:
+            partitions = tuple(sorted(set(self.partitions)))
+            if not partitions:
+                raise ExportError("no partition to read: give at least one, or none for all")
+            if partitions[0] < 0:
+                raise ExportError(f"partition {partitions[0]} is negative")
+            object.__setattr__(self, "partitions", partitions)
+
+    @classmethod
+    def parse(
+        cls,
+        start: str | None = None,
+        end: str | None = None,
+        start_offset: int | None = None,
+        end_offset: int | None = None,
+        partitions: Sequence[int] = (),
+    ) -> LogRange:
+        """From command-line options: times as :func:`parse_time` reads them, offsets, and the
+        partitions given (none: every partition)."""
+        return cls(
+            start_ms=parse_time(start) if start is not None else None,
+            end_ms=parse_time(end) if end is not None else None,
+            start_offset=start_offset,
+            end_offset=end_offset,
+            partitions=tuple(partitions) or None,
+        )
+
+    @property
+    def everything(self) -> bool:
+        """True when no bound is set: the whole log."""
+        return self == LogRange()
+
+    def holds_time(self, ts: int) -> bool:
+        """Whether a message with Kafka timestamp ``ts`` is in the time range."""
+        return (self.start_ms is None or ts >= self.start_ms) and (
+            self.end_ms is None or ts < self.end_ms
+        )
+
+
 # --- public entry points ------------------------------------------------------------------------
 
 
@@ -191,12 +254,8 @@ def parse_time(text: str) -> int:
 def export_log(
     settings: Settings,
     out: Path,
+    log_range: LogRange | None = None,
     *,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    start_offset: int | None = None,
-    end_offset: int | None = None,
-    partitions: Sequence[int] | None = None,
     progress: bool = True,
     console: Console | None = None,
     chunk: int = 5_000,
@@ -204,9 +263,8 @@ def export_log(
 ) -> ExportReport:
     """Export the propensity log of ``settings`` to ``out`` (``.jsonl`` or ``.parquet``).
 
-    Selects the messages with ``start_offset <= offset < end_offset`` (in every partition, or
-    only in ``partitions``) and Kafka timestamp ``start_ms <= ts < end_ms``; a bound left as None
-    is open. Reads up to the end offsets of the moment it starts, ``chunk`` messages at a time,
+    Selects the messages of ``log_range`` (:class:`LogRange`; None: the whole log). Reads up to
+    the end offsets of the moment it starts, ``chunk`` messages at a time,
     and writes to a temporary file in the same folder, renamed to ``out`` only when complete
     (a failed export leaves no partial ``out``). The progress bar (``progress``) goes to
     ``console``, by default standard error, so standard output stays clean for ``--json``.
@@ -249,12 +307,11 @@ def export_log(
     reading back a Parquet export gives records equal to the JSONL export of the same messages
     (an int in a double column comes back as the equal float: ``1`` → ``1.0``).
 
-    Raises :class:`ExportError` for a bad suffix (before connecting), an empty or inverted
-    range, or a topic that does not exist; :class:`TimeoutError` if the broker stops answering.
+    Raises :class:`ExportError` for a bad suffix (before connecting), a partition the topic does
+    not have, or a topic that does not exist; :class:`TimeoutError` if the broker stops answering.
     """
     fmt = check_suffix(out)
-    _check_range("offset", start_offset, end_offset)
-    _check_range("time", start_ms, end_ms)
+    log_range = log_range or LogRange()
     out = Path(out)
     report = ExportReport(out=str(out), format=fmt, topic=settings.propensity_log_topic)
     started = time.monotonic()
@@ -266,9 +323,7 @@ def export_log(
         else _ParquetSink(partial, settings.propensity_log_topic, row_group_size)
     )
     try:
-        with _Reader(
-            settings, start_ms, end_ms, start_offset, end_offset, partitions, chunk
-        ) as reader:
+        with _Reader(settings, log_range, chunk) as reader:
             report.ranges = dict(reader.ranges)
             report.read = {p: 0 for p in reader.ranges}
             report.written = {p: 0 for p in reader.ranges}
@@ -290,7 +345,7 @@ def export_log(
                         if msg.record is None:
                             assert msg.problem is not None
                             report._skip(msg.problem[0], msg.partition, msg.offset, msg.problem[1])
-                        elif not _in_time(msg.timestamp_ms, start_ms, end_ms):
+                        elif not log_range.holds_time(msg.timestamp_ms):
                             report.out_of_time_range += 1
                         else:
                             sink.write(msg)
@@ -314,53 +369,30 @@ def export_log(
 
 
 def iter_kafka_log(
-    settings: Settings,
-    *,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    start_offset: int | None = None,
-    end_offset: int | None = None,
-    partitions: Sequence[int] | None = None,
-    chunk: int = 5_000,
+    settings: Settings, log_range: LogRange | None = None, *, chunk: int = 5_000
 ) -> Iterator[dict[str, Any]]:
     """The records :func:`export_log` would write, straight from the topic.
 
     Unusable messages are left out; :func:`iter_kafka_messages` yields them with their reason.
     """
-    for msg in iter_kafka_messages(
-        settings,
-        start_ms=start_ms,
-        end_ms=end_ms,
-        start_offset=start_offset,
-        end_offset=end_offset,
-        partitions=partitions,
-        chunk=chunk,
-    ):
+    for msg in iter_kafka_messages(settings, log_range, chunk=chunk):
         if msg.record is not None:
             yield msg.record
 
 
 def iter_kafka_messages(
-    settings: Settings,
-    *,
-    start_ms: int | None = None,
-    end_ms: int | None = None,
-    start_offset: int | None = None,
-    end_offset: int | None = None,
-    partitions: Sequence[int] | None = None,
-    chunk: int = 5_000,
+    settings: Settings, log_range: LogRange | None = None, *, chunk: int = 5_000
 ) -> Iterator[LogMessage]:
     """Every message of the range (as :func:`export_log` selects it), usable or not.
 
     A message whose ``record`` is None carries its ``problem`` (``tombstone``,
     ``invalid_json``, ``not_an_object``); ``loopwise replay kafka:`` counts those.
     """
-    _check_range("offset", start_offset, end_offset)
-    _check_range("time", start_ms, end_ms)
-    with _Reader(settings, start_ms, end_ms, start_offset, end_offset, partitions, chunk) as r:
+    log_range = log_range or LogRange()
+    with _Reader(settings, log_range, chunk) as r:
         for batch in r.batches():
             for msg in batch:
-                if _in_time(msg.timestamp_ms, start_ms, end_ms):
+                if log_range.holds_time(msg.timestamp_ms):
                     yield msg
 
 
@@ -386,16 +418,7 @@ def read_log(path: Path | str, *, batch_size: int = 10_000) -> Iterator[dict[str
 class _Reader:
     """Assigned (group-less) kafka-python consumer over a fixed offset range per partition."""
 
-    def __init__(
-        self,
-        settings: Settings,
-        start_ms: int | None,
-        end_ms: int | None,
-        start_offset: int | None,
-        end_offset: int | None,
-        partitions: Sequence[int] | None,
-        chunk: int,
-    ) -> None:
+    def __init__(self, settings: Settings, log_range: LogRange, chunk: int) -> None:
         self.topic = settings.propensity_log_topic
         self.chunk = max(1, chunk)
         self.consumer = KafkaConsumer(
@@ -408,7 +431,7 @@ class _Reader:
             check_crcs=_FAST_CRC32C,
         )
         try:
-            self.ranges = self._plan(start_ms, end_ms, start_offset, end_offset, partitions)
+            self.ranges = self._plan(log_range)
         except BaseException:
             self.consumer.close()
             raise
@@ -421,14 +444,7 @@ class _Reader:
     def __exit__(self, *exc: object) -> None:
         self.consumer.close()
 
-    def _plan(
-        self,
-        start_ms: int | None,
-        end_ms: int | None,
-        start_offset: int | None,
-        end_offset: int | None,
-        partitions: Sequence[int] | None,
-    ) -> dict[int, tuple[int, int]]:
+    def _plan(self, log_range: LogRange) -> dict[int, tuple[int, int]]:
         """Offsets ``[start, end)`` to read per partition, from the offsets of this moment."""
         consumer = self.consumer
         # topics() lists what exists; partitions_for_topic alone could auto-create the topic.
@@ -438,19 +454,18 @@ class _Reader:
                 "nothing has been logged yet, or the settings name another topic/broker"
             )
         known = sorted(consumer.partitions_for_topic(self.topic) or ())
-        if partitions is not None:
-            if not partitions:
-                raise ExportError("no partition to export: give at least one, or none for all")
-            missing = sorted(set(partitions) - set(known))
+        if log_range.partitions is not None:
+            missing = sorted(set(log_range.partitions) - set(known))
             if missing:
                 raise ExportError(f"topic {self.topic!r} has partitions {known}, not {missing}")
-            known = sorted(set(partitions))
+            known = list(log_range.partitions)
         tps = [TopicPartition(self.topic, p) for p in known]
         firsts = consumer.beginning_offsets(tps)
         ends = consumer.end_offsets(tps)
+        start_offset, end_offset = log_range.start_offset, log_range.end_offset
         starts = {tp: max(firsts[tp], start_offset or 0) for tp in tps}
-        if start_ms is not None:
-            found = consumer.offsets_for_times({tp: start_ms for tp in tps})
+        if log_range.start_ms is not None:
+            found = consumer.offsets_for_times({tp: log_range.start_ms for tp in tps})
             for tp in tps:
                 at = found.get(tp)
                 starts[tp] = max(starts[tp], ends[tp] if at is None else at.offset)
@@ -515,10 +530,6 @@ def _decode(partition: int, offset: int, timestamp: int, value: bytes | None) ->
         kind = type(record).__name__
         return LogMessage(partition, offset, timestamp, None, ("not_an_object", f"a JSON {kind}"))
     return LogMessage(partition, offset, timestamp, record)
-
-
-def _in_time(ts: int, start_ms: int | None, end_ms: int | None) -> bool:
-    return (start_ms is None or ts >= start_ms) and (end_ms is None or ts < end_ms)
 
 
 def _check_range(what: str, start: int | None, end: int | None) -> None:

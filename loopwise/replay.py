@@ -52,7 +52,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import numpy as np
 import orjson
@@ -83,6 +83,9 @@ from loopwise.learners.ope import (
 )
 from loopwise.learners.policy import FloatArray
 from loopwise.learners.targets import PmfFileTarget, TargetError, TargetPolicy, make_target
+
+if TYPE_CHECKING:
+    from loopwise.export import LogRange
 
 __all__ = [
     "DEFAULT_ESTIMATORS",
@@ -151,7 +154,7 @@ def _read_source(
     source: str,
     settings: Any,
     problems: _Problems | None,
-    kafka_range: Mapping[str, Any] | None = None,
+    kafka_range: LogRange | None = None,
 ) -> Iterator[_Item]:
     if source == KAFKA_LOG:
         from loopwise.export import ExportError, iter_kafka_messages
@@ -159,7 +162,7 @@ def _read_source(
         if settings is None:
             raise ReplayError("kafka: needs settings (the broker and topic to read)")
         try:
-            for msg in iter_kafka_messages(settings, **dict(kafka_range or {})):
+            for msg in iter_kafka_messages(settings, kafka_range):
                 where = f"kafka partition {msg.partition} offset {msg.offset}"
                 if msg.record is not None:
                     yield where, msg.record
@@ -343,7 +346,7 @@ def _chunks(
     settings: Any,
     problems: _Problems | None,
     size: int,
-    kafka_range: Mapping[str, Any] | None = None,
+    kafka_range: LogRange | None = None,
 ) -> Iterator[list[_Item]]:
     """Records ``size`` at a time."""
     batch: list[_Item] = []
@@ -463,7 +466,7 @@ def replay_details(
     progress: bool = True,
     console: Console | None = None,
     keep_rounds: bool = True,
-    kafka_range: Mapping[str, Any] | None = None,
+    kafka_range: LogRange | None = None,
 ) -> tuple[dict[str, Any], ReplayDetails | None]:
     """Estimate every target's value on the logs (see the module docstring for the steps).
 
@@ -473,8 +476,7 @@ def replay_details(
     ``alpha``: the percentile bootstrap (``1 - alpha`` intervals, one shared draw for every
     candidate and estimator); ``seed``: bootstrap and VW seeds; ``folds``: cross-fitting folds
     of the reward model; ``keep_rounds``: also return the per-round :class:`ReplayDetails`;
-    ``kafka_range``: keyword arguments of :func:`loopwise.export.iter_kafka_messages`
-    (``start_ms``, ``end_ms``, ``start_offset``, ``end_offset``, ``partitions``) for ``kafka:``.
+    ``kafka_range``: the :class:`loopwise.export.LogRange` to read for ``kafka:`` (None: all).
 
     Raises :class:`ReplayError` for what must be fixed before anything can be estimated; bad
     records and lines are counted in ``excluded`` instead.
@@ -496,7 +498,7 @@ def replay_details(
     if not estimator_objects:
         raise ReplayError("no estimator given")
     _check_sources(logs)
-    if kafka_range and KAFKA_LOG not in logs:
+    if kafka_range is not None and not kafka_range.everything and KAFKA_LOG not in logs:
         raise ReplayError(
             f"a time/offset/partition range applies to {KAFKA_LOG} only; "
             "an exported file holds the range it was exported with"
@@ -553,7 +555,7 @@ def replay_details(
 def _pass_one(
     logs: Sequence[str],
     settings: Any,
-    kafka_range: Mapping[str, Any] | None,
+    kafka_range: LogRange | None,
     targets: Sequence[TargetPolicy],
     model: CrossFitRewardModel | None,
     problems: _Problems,

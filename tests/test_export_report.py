@@ -21,6 +21,7 @@ from rich.console import Console
 from loopwise.config import Settings, load_settings
 from loopwise.export import (
     ExportError,
+    LogRange,
     check_suffix,
     export_log,
     iter_kafka_log,
@@ -315,11 +316,26 @@ def test_bad_suffix_is_a_clear_error_before_any_connection(tmp_path: Path) -> No
 
 
 def test_bad_ranges_and_times() -> None:
-    settings = load_settings(bootstrap_servers="127.0.0.1:1")
     with pytest.raises(ExportError, match="empty"):
-        export_log(settings, Path("x.jsonl"), start_offset=5, end_offset=5)
+        LogRange(start_offset=5, end_offset=5)
+    with pytest.raises(ExportError, match=r"time range \[10, 3\) is empty"):
+        LogRange(start_ms=10, end_ms=3)
     with pytest.raises(ExportError, match="negative"):
-        export_log(settings, Path("x.jsonl"), start_ms=-1)
+        LogRange(start_ms=-1)
+    with pytest.raises(ExportError, match="no partition"):
+        LogRange(partitions=())
+    with pytest.raises(ExportError, match="partition -1 is negative"):
+        LogRange(partitions=(2, -1))
+    with pytest.raises(ExportError, match="not a time"):
+        LogRange.parse(start="yesterday")
+    assert LogRange.parse().everything
+    assert LogRange.parse(partitions=[3, 1, 3]) == LogRange(partitions=(1, 3))
+    assert LogRange.parse("2024-06-01", "1717200000001", 4, None, ()) == LogRange(
+        start_ms=1_717_200_000_000, end_ms=1_717_200_000_001, start_offset=4
+    )
+    window = LogRange(start_ms=10, end_ms=20)
+    assert [window.holds_time(t) for t in (9, 10, 19, 20)] == [False, True, True, False]
+    assert not window.everything
     assert parse_time("1717171717000") == 1_717_171_717_000
     assert parse_time("2024-06-01T00:00:00Z") == 1_717_200_000_000
     assert parse_time("2024-06-01") == 1_717_200_000_000
@@ -421,7 +437,8 @@ def test_export_against_the_real_broker(isolated_settings: Settings, tmp_path: P
 
     # A time range [start, end): exactly the messages whose Kafka timestamp is in it.
     start, end = base + 100_000, base + 300_000
-    timed = export_log(s, tmp_path / "time.parquet", start_ms=start, end_ms=end, progress=False)
+    window = LogRange(start_ms=start, end_ms=end)
+    timed = export_log(s, tmp_path / "time.parquet", window, progress=False)
     want = _by_id([v["record"] for v in valid if start <= v["ts"] < end])
     assert 150 < len(want) < 210
     assert _by_id(list(read_log(tmp_path / "time.parquet"))) == want
@@ -429,18 +446,18 @@ def test_export_against_the_real_broker(isolated_settings: Settings, tmp_path: P
     assert start <= timed.first_timestamp_ms and timed.last_timestamp_ms < end  # type: ignore[operator]
 
     # An offset range [20, 60) in every partition, and in partition 1 only.
-    export_log(s, tmp_path / "offsets.jsonl", start_offset=20, end_offset=60, progress=False)
+    offsets = LogRange(start_offset=20, end_offset=60)
+    export_log(s, tmp_path / "offsets.jsonl", offsets, progress=False)
     want = _by_id([v["record"] for v in valid if 20 <= v["offset"] < 60])
     assert _by_id(list(read_log(tmp_path / "offsets.jsonl"))) == want
-    part = export_log(
-        s, tmp_path / "p1.jsonl", start_offset=20, end_offset=60, partitions=[1], progress=False
-    )
+    in_p1 = LogRange(start_offset=20, end_offset=60, partitions=(1,))
+    part = export_log(s, tmp_path / "p1.jsonl", in_p1, progress=False)
     want = _by_id([v["record"] for v in valid if 20 <= v["offset"] < 60 and v["partition"] == 1])
     assert _by_id(list(read_log(tmp_path / "p1.jsonl"))) == want
     assert list(part.ranges) == [1]
 
     # Straight from the topic, as `replay kafka:` will read it.
-    assert _by_id(list(iter_kafka_log(s, start_ms=start, end_ms=end))) == _by_id(
+    assert _by_id(list(iter_kafka_log(s, window))) == _by_id(
         [v["record"] for v in valid if start <= v["ts"] < end]
     )
 
@@ -449,7 +466,7 @@ def test_export_against_the_real_broker(isolated_settings: Settings, tmp_path: P
     options: dict[str, Any] = {"estimators": ["ips", "snips"], "n_bootstrap": 50}
     options["progress"] = False
     from_kafka = replay(
-        ["kafka:"], ["uniform", "logged"], s, kafka_range={"start_ms": start, "end_ms": end},
+        ["kafka:"], ["uniform", "logged"], s, kafka_range=window,
         **options,
     )  # fmt: skip
     from_file = replay([str(tmp_path / "time.parquet")], ["uniform", "logged"], **options)
@@ -466,10 +483,11 @@ def test_export_against_the_real_broker(isolated_settings: Settings, tmp_path: P
     invalid = {k: v for k, v in from_kafka["excluded"].items() if k not in broken}
     assert invalid == from_file["excluded"]
     with pytest.raises(ReplayError, match="applies to kafka: only"):
-        replay([str(tmp_path / "time.parquet")], ["uniform"], kafka_range={"start_ms": 1})
+        replay([str(tmp_path / "time.parquet")], ["uniform"], kafka_range=LogRange(start_ms=1))
 
     # A range past the end: an empty, valid file.
-    empty = export_log(s, tmp_path / "none.parquet", start_ms=base + 10_000_000, progress=False)
+    past = LogRange(start_ms=base + 10_000_000)
+    empty = export_log(s, tmp_path / "none.parquet", past, progress=False)
     assert empty.records_written == 0 and list(read_log(tmp_path / "none.parquet")) == []
 
     # Errors a user can act on: a bad suffix, a topic that does not exist.
