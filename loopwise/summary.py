@@ -35,11 +35,14 @@ def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000)
         reconciled = stats.get("consumed", 0) == (
             stats.get("accepted", 0) + stats.get("duplicates", 0) + stats.get("deadlettered", 0)
         )
-        monitor_raw = client.hget(settings.key("model"), "reward_monitor")
+        monitor_raw, invalid_raw = client.hmget(
+            settings.key("model"), ["reward_monitor", "invalid_records"]
+        )
         return {
             "stats": stats,
             "reconciled": reconciled,
             "reward_monitor": orjson.loads(monitor_raw) if monitor_raw else {},
+            "invalid_log_records": orjson.loads(invalid_raw) if invalid_raw else {},
             "users": n_users,
             "catalog_items": int(client.hlen(settings.key("catalog"))),
             "sample_users": hashes,
@@ -79,6 +82,10 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
                 str(m["drifts"]),
             )
         console.print(watch)
+    invalid = summary.get("invalid_log_records") or {}
+    if invalid:
+        reasons = ", ".join(f"{reason} {count:,}" for reason, count in sorted(invalid.items()))
+        console.print(f"propensity-log records the learner skipped as invalid: {reasons}")
     for key, fields in summary["sample_users"].items():
         shown = {k: v for k, v in fields.items() if not k.startswith("aff:")}
         affinities = {k[4:]: round(float(v), 2) for k, v in fields.items() if k.startswith("aff:")}

@@ -101,6 +101,9 @@ class Learner:
             if arm in fields:
                 self.policies[arm] = restore(bytes(fields[arm]))
         self.offsets = {int(p): int(o) for p, o in orjson.loads(fields["offsets"]).items()}
+        invalid = orjson.loads(fields.get("invalid_records") or b"{}")
+        self.invalid_reasons = Counter({str(k): int(v) for k, v in invalid.items()})
+        self.invalid = sum(self.invalid_reasons.values())
         versions = {arm: policy.version for arm, policy in self.policies.items()}
         log.info("restored models %s at log offsets %s", versions, self.offsets)
         return True
@@ -180,6 +183,8 @@ class Learner:
         mapping["offsets"] = orjson.dumps({str(p): o for p, o in self.offsets.items()})
         mapping["saved_at_ms"] = int(time.time() * 1000)
         mapping["reward_monitor"] = orjson.dumps(self.monitor_summary())
+        # With the offsets, so that a record re-read after a crash is not counted twice.
+        mapping["invalid_records"] = orjson.dumps(dict(self.invalid_reasons))
         await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
         self._snapshot_at = time.monotonic()
 

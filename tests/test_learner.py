@@ -300,11 +300,26 @@ def test_a_snapshot_saves_every_policy_the_offsets_and_the_reward_monitor() -> N
     client = FakeRedis()
     learner = recording_learner(client)
     learner.learn([(0, 0, log_record(reward=1.0)), (3, 41, log_record(arm=HOLDOUT))])
+    learner.learn([(3, 42, orjson.dumps({"decision_id": "forged", "propensity": 0}))])
     asyncio.run(learner.snapshot())
     saved = client.hashes["t:model"]
-    assert set(saved) == {b"vw", HOLDOUT.encode(), b"offsets", b"saved_at_ms", b"reward_monitor"}
+    assert set(saved) == {
+        b"vw",
+        HOLDOUT.encode(),
+        b"offsets",
+        b"saved_at_ms",
+        b"reward_monitor",
+        b"invalid_records",
+    }
+    invalid = orjson.loads(saved[b"invalid_records"])
+    assert sum(invalid.values()) == 1 == learner.invalid  # counted with the offsets
+    restored = recording_learner(client)
+    restored.load_snapshot(
+        {k: v for k, v in saved.items() if k in (b"offsets", b"invalid_records")}
+    )
+    assert restored.invalid_reasons == learner.invalid_reasons
     assert saved[b"vw"] == b"vw@2" and saved[HOLDOUT.encode()] == HOLDOUT.encode() + b"@1"
-    assert orjson.loads(saved[b"offsets"]) == {"0": 1, "3": 42}
+    assert orjson.loads(saved[b"offsets"]) == {"0": 1, "3": 43}
     assert orjson.loads(saved[b"reward_monitor"]) == learner.monitor_summary()
     assert int(saved[b"saved_at_ms"]) > 1_600_000_000_000
 
