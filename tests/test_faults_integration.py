@@ -122,9 +122,26 @@ def test_poison_and_far_future_input_is_deadlettered_and_nothing_stalls(
         assert counts["decisions_closed"] == 0, "a far-future event closed a decision"
         assert counts["deadletter:out_of_range"] == 1
 
+        # A forged propensity-log record from another producer: skipped and counted, not fatal.
+        forged = {
+            "decision_id": "forged",
+            "actions": [{"id": "i"}],
+            "chosen": 0,
+            "propensity": 0,
+            "pmf": [1.0],
+            "reward": 1.0,
+            "context": {},
+        }
+        producer.send(s.propensity_log_topic, key=b"u-x", value=orjson.dumps(forged), partition=0)
         for key, value, _ in stream[1:]:
             producer.send(s.events_topic, key=key, value=value)
         producer.flush()
+
+        def invalid_counted() -> bool:
+            raw = r.hget(s.key("model"), "invalid_records")
+            return bool(raw) and orjson.loads(raw).get("invalid_propensity") == 1
+
+        wait_until(invalid_counted, 60, "the forged log record counted", worker)
         published = len(catalog) + 2 + len(stream)
         wait_until(lambda: stats(r, s)["consumed"] == published, 300, "every message", worker)
         assert worker.poll() is None, "the worker died on hostile input"
@@ -140,8 +157,8 @@ def test_poison_and_far_future_input_is_deadlettered_and_nothing_stalls(
     assert counts["accepted"] + counts["duplicates"] + counts["deadlettered"] == published
     # Closed later, once, by its own partition's event time (the good traffic's), not before.
     assert counts["decisions_closed"] == 1
-    (logged,) = read_topic(s, s.propensity_log_topic, 1)
-    assert logged["decision_id"] == nba["decision_id"]
+    on_log = read_topic(s, s.propensity_log_topic, 2)
+    assert sorted(rec["decision_id"] for rec in on_log) == sorted([nba["decision_id"], "forged"])
 
     dead = read_topic(s, s.deadletter_topic, len(bad) + 1)
     assert len(dead) == len(bad) + 1  # each once
