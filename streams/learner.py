@@ -11,7 +11,7 @@ restart the policies are restored from the snapshot and records below its
 offsets are skipped: nothing is learned twice, nothing is skipped.
 
 The learner also watches each arm's reward rate with an ADWIN drift monitor
-(:class:`loopwise.learners.river_models.RewardMonitor`): a change is logged (INFO: a learning arm's rate is meant to change)
+(:class:`loopwise.learners.river_models.RewardMonitor`): a change is logged at INFO
 and every snapshot writes ``reward_monitor`` (JSON, per arm: records seen since
 the worker started, mean, the mean over ADWIN's current window, its width, the
 drifts detected) beside the models, for ``loopwise stats``.
