@@ -338,18 +338,28 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--accept-empty-redis",
+    is_flag=True,
+    help="Start even though Redis lost its data (no epoch while the consumer group has "
+    "committed offsets): go on from the offsets with the state Redis holds now, and write a "
+    "new epoch. Without it the worker refuses; `loopwise rebuild` is the other way out.",
+)
 @click.pass_context
-def worker(ctx: click.Context) -> None:
+def worker(ctx: click.Context, accept_empty_redis: bool) -> None:
     """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly).
 
     Logs Loopwise's lines at worker_log_level (LOOPWISE_WORKER_LOG_LEVEL, default info) and
-    Faust's and the Kafka clients' warnings; -v shows theirs too.
+    Faust's and the Kafka clients' warnings; -v shows theirs too. Exit code 3: Redis lost
+    its data (at the start, or while running: then the worker stops without acking).
     """
     from loopwise.streams.worker import run_worker
 
     settings = _settings(ctx)
     _configure_logging(ctx, level=settings.worker_log_level)
-    run_worker(settings)
+    code = run_worker(settings, accept_empty_redis=accept_empty_redis)
+    if code:
+        sys.exit(code)
 
 
 @main.command()
