@@ -31,14 +31,14 @@ its epoch checks it in every read (one GET in the same round trip) and raises
 :class:`loopwise.streams.errors.RedisDataLost` when it is gone or another one. A store
 without one (the benchmarks, the rebuild itself) checks nothing. A loss between a batch's
 read and its transaction lets that one batch land in the empty Redis (without an epoch);
-the next read stops the worker.
+the next read stops the worker, and ``loopwise rebuild`` erases such leftovers first.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -301,9 +301,49 @@ class RedisStore:
         self.epoch = epoch
         return epoch
 
+    async def erase_user_state(
+        self, counters: Iterable[str], counter_prefixes: Iterable[str]
+    ) -> int:
+        """Delete what ``loopwise rebuild`` recomputes: the epoch, every ``user:*``, the
+        ``catalog``, every ``seen:*`` and the given ``stats`` fields (``counters``, and those
+        starting with one of ``counter_prefixes``). The learning loop's keys stay. The number
+        of keys and fields deleted."""
+        client = self.client
+        deleted = int(await client.delete(self.epoch_key, self.key("catalog")))
+        for family in ("user", "seen"):
+            pattern = _glob_escape(self.key(family, "")) + "*"
+            async for keys in _chunks(client.scan_iter(match=pattern, count=1000), 1000):
+                deleted += int(await client.delete(*keys))
+        stats = self.key("stats")
+        names = set(counters)
+        prefixes = tuple(counter_prefixes)
+        fields = [
+            f for f in await client.hkeys(stats) if text(f) in names or text(f).startswith(prefixes)
+        ]
+        if fields:
+            deleted += int(await client.hdel(stats, *fields))
+        return deleted
+
     async def forget(self, user_id: str) -> int:
         """Erase everything stored about one user; the number of keys removed."""
         return int(await self.client.delete(self.user_key(user_id), self.key("nba", user_id)))
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _glob_escape(literal: str) -> str:
+    """A Redis glob pattern (SCAN MATCH) that matches ``literal`` and nothing else."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in literal)
+
+
+async def _chunks(keys: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    """Lists of up to ``size`` items of the async iterator ``keys``."""
+    chunk: list[bytes] = []
+    async for key in keys:
+        chunk.append(key)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

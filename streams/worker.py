@@ -20,13 +20,14 @@ from typing import IO, Any
 
 import faust
 import redis
-from kafka import KafkaAdminClient, KafkaConsumer, TopicPartition
+from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from loopwise.config import Settings
 from loopwise.streams.app import build_app
 from loopwise.streams.errors import RedisDataLost
+from loopwise.streams.rebuild import committed_offsets
 from loopwise.streams.redis_store import Epoch, data_lost
 from loopwise.streams.topics import ensure_topics
 
@@ -68,30 +69,6 @@ class _StopOnDataLost:
         signal.raise_signal(signal.SIGTERM)
 
 
-def committed_offsets(settings: Settings) -> dict[int, int]:
-    """The worker group's committed offset per events partition (partitions without one are
-    left out; an events topic that does not exist has none)."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id="loopwise-offsets",
-        group_id=settings.app_id,
-        enable_auto_commit=False,
-    )
-    try:
-        topic = settings.events_topic
-        # topics() lists what exists; partitions_for_topic alone could auto-create the topic.
-        if topic not in consumer.topics():
-            return {}
-        offsets: dict[int, int] = {}
-        for partition in sorted(consumer.partitions_for_topic(topic) or ()):
-            committed = consumer.committed(TopicPartition(topic, partition))
-            if committed is not None and committed >= 0:
-                offsets[partition] = committed
-        return offsets
-    finally:
-        consumer.close()
-
-
 def open_epoch(settings: Settings, *, accept_empty_redis: bool = False) -> Epoch:
     """The epoch of the state this worker goes on with (``{p}epoch``).
 
@@ -100,7 +77,8 @@ def open_epoch(settings: Settings, *, accept_empty_redis: bool = False) -> Epoch
       start; a new epoch.
     - None, but committed offsets: Redis lost the state they stand for. With
       ``accept_empty_redis`` a new epoch makes what Redis holds the truth; otherwise
-      :class:`RedisDataLost`.
+      :class:`RedisDataLost`. (A Redis written by a Loopwise without epochs looks the same:
+      its first start needs ``accept_empty_redis`` once.)
 
     A new epoch is written only where none is (SET NX), so workers of one group starting
     together agree on it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -19,6 +20,7 @@ from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.errors import RedisDataLost, is_transient, retry
 from loopwise.streams.pipeline import Message, Pipeline
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
+from loopwise.streams.rebuild import PartitionRange, _TimeMerge
 from loopwise.streams.redis_store import Epoch, RedisStore, url_without_password
 
 SETTINGS = load_settings(
@@ -187,3 +189,31 @@ def test_urls_lose_only_their_password() -> None:
     assert url_without_password("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
     assert url_without_password("rediss://:pw@h:1/0") == "rediss://:***@h:1/0"
     assert url_without_password("redis://u:pw@h:1/0") == "redis://u:***@h:1/0"
+
+
+# --- the rebuild's ranges and merge order --------------------------------------------------
+
+
+def test_a_range_counts_what_retention_removed_below_the_earliest_offset() -> None:
+    assert (PartitionRange(0, 0, 50).messages, PartitionRange(0, 0, 50).skipped) == (50, 0)
+    assert (PartitionRange(1, 20, 50).messages, PartitionRange(1, 20, 50).skipped) == (30, 20)
+    # retention passed the committed offset: nothing to read, all the group had read is gone
+    assert (PartitionRange(2, 70, 50).messages, PartitionRange(2, 70, 50).skipped) == (0, 50)
+
+
+def record(partition: int, offset: int, timestamp: int) -> Any:
+    return SimpleNamespace(partition=partition, offset=offset, timestamp=timestamp)
+
+
+def test_partitions_merge_by_timestamp_and_wait_for_a_partition_that_has_not_ended() -> None:
+    merge = _TimeMerge(None, {"p0": 10, "p1": 10})  # type: ignore[arg-type,dict-item]
+    merge.buffers = {
+        "p0": deque([record(0, 0, 100), record(0, 1, 300)]),  # type: ignore[dict-item]
+        "p1": deque([record(1, 0, 200)]),  # type: ignore[dict-item]
+    }
+    taken = merge._take(10)
+    # p1 ran dry before p0's 300 and has not ended: its next record may be older than 300
+    assert [(r.partition, r.offset) for r in taken] == [(0, 0), (1, 0)]
+    merge.exhausted.add("p1")  # type: ignore[arg-type]
+    assert [(r.partition, r.offset) for r in merge._take(10)] == [(0, 1)]
+    assert merge._take(10) == []
