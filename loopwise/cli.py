@@ -338,18 +338,65 @@ def _print_status(status: dict[str, Any], as_json: bool) -> None:
 
 
 @main.command()
+@click.option(
+    "--accept-empty-redis",
+    is_flag=True,
+    help="Start even though Redis lost its data (no epoch while the consumer group has "
+    "committed offsets): go on from the offsets with the state Redis holds now, and write a "
+    "new epoch. Without it the worker refuses; `loopwise rebuild` is the other way out. "
+    "Also for the first start on a Redis written by a Loopwise without epochs.",
+)
 @click.pass_context
-def worker(ctx: click.Context) -> None:
+def worker(ctx: click.Context, accept_empty_redis: bool) -> None:
     """Run the Faust worker until SIGTERM/SIGINT (then it stops cleanly).
 
     Logs Loopwise's lines at worker_log_level (LOOPWISE_WORKER_LOG_LEVEL, default info) and
-    Faust's and the Kafka clients' warnings; -v shows theirs too.
+    Faust's and the Kafka clients' warnings; -v shows theirs too. Exit code 3: Redis lost
+    its data (at the start, or while running: then the worker stops without acking).
     """
     from loopwise.streams.worker import run_worker
 
     settings = _settings(ctx)
     _configure_logging(ctx, level=settings.worker_log_level)
-    run_worker(settings)
+    code = run_worker(settings, accept_empty_redis=accept_empty_redis)
+    if code:
+        sys.exit(code)
+
+
+@main.command()
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Rebuild even though Redis holds an epoch (did not lose its data): its user state, "
+    "catalog, dedup sets and counters are replaced; the learning loop's keys stay.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
+@click.pass_context
+def rebuild(ctx: click.Context, force: bool, as_json: bool, progress: bool) -> None:
+    """Recompute Redis's user state from the events topic after Redis lost its data.
+
+    Reads every events partition from its earliest retained offset up to the worker group's
+    committed offset (where the worker resumes), through the worker's own pipeline, into
+    Redis: user hashes, catalog, dedup sets, counters. Dead letters are counted, not sent
+    again. Then writes a new epoch; start the worker as usual. Stop the worker first.
+
+    Not rebuilt: the learning loop's open decisions, outbox, model snapshot (policies start
+    untrained). A full rebuild needs the events topic to keep everything
+    (retention.ms=-1); with less, the summary says how many messages were gone.
+    """
+    from loopwise.streams.rebuild import RebuildError, describe
+    from loopwise.streams.rebuild import rebuild as run_rebuild
+
+    try:
+        report = run_rebuild(_settings(ctx), force=force, progress=progress, console=console)
+    except RebuildError as exc:
+        raise UserError(str(exc)) from exc
+    if as_json:
+        click.echo(orjson.dumps(report.as_dict(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for line in describe(report):
+            console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 @main.command()

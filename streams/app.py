@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import faust
@@ -35,12 +36,12 @@ from loopwise.learners.arms import ArmAssigner
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
-from loopwise.streams.errors import ERRORS, is_transient, retry
+from loopwise.streams.errors import ERRORS, RedisDataLost, is_transient, retry
 from loopwise.streams.learner import Learner, build_policies
 from loopwise.streams.log_tail import decision_ids_at_tail
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.pipeline import Message, Pipeline
-from loopwise.streams.redis_store import RedisStore
+from loopwise.streams.redis_store import Epoch, RedisStore
 from loopwise.streams.reward_join import RewardJoin, RewardRule
 
 log = logging.getLogger("loopwise.worker")
@@ -53,8 +54,20 @@ LOG_INVALID = PromCounter(
 )
 
 
-def build_app(settings: Settings) -> faust.App:
-    """A Faust app keeping ``user:{id}`` fresh and, unless disabled, the learning loop."""
+def _reraise(exc: RedisDataLost) -> None:
+    raise exc
+
+
+def build_app(
+    settings: Settings,
+    epoch: Epoch | None = None,
+    on_data_lost: Callable[[RedisDataLost], None] = _reraise,
+) -> faust.App:
+    """A Faust app keeping ``user:{id}`` fresh and, unless disabled, the learning loop.
+
+    With ``epoch``, every batch and timer tick checks that Redis still holds it; when it
+    does not, ``on_data_lost`` is called (it stops the worker) and the batch is not acked.
+    """
     app = faust.App(
         settings.app_id,
         broker="kafka://" + settings.bootstrap_servers.replace(",", ";kafka://"),
@@ -77,7 +90,7 @@ def build_app(settings: Settings) -> faust.App:
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
     log_topic = _raw_topic(app, settings.propensity_log_topic)
     lock = asyncio.Lock()
-    store = RedisStore.connect(settings)
+    store = RedisStore.connect(settings, epoch)
 
     # force=True: send now and wait for the broker. Without it, Faust "attaches" a message
     # sent while an event is current to that event, publishing it only once the event is
@@ -137,7 +150,11 @@ def build_app(settings: Settings) -> faust.App:
             ]
             started = time.perf_counter()
             async with lock:
-                report = await pipeline.process_isolating(messages, retry)
+                try:
+                    report = await pipeline.process_isolating(messages, retry)
+                except RedisDataLost as exc:
+                    on_data_lost(exc)
+                    return  # the worker stops; this batch is never acked
                 await retry(pipeline.publish, "publishing the outbox", transient_only=False)
             BATCH_SECONDS.observe(time.perf_counter() - started)
             for outcome in ("accepted", "duplicates", "deadlettered"):
@@ -185,6 +202,8 @@ def build_app(settings: Settings) -> faust.App:
                 try:
                     await pipeline.tick()
                     await pipeline.publish()
+                except RedisDataLost as exc:
+                    on_data_lost(exc)
                 except Exception as exc:
                     ERRORS.labels("transient" if is_transient(exc) else "timer").inc()
                     log.error("timer tick failed; the next one tries again", exc_info=exc)

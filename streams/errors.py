@@ -11,6 +11,9 @@
   causes it stands alone, dead-letters it with reason ``processing_error`` and
   goes on (:meth:`loopwise.streams.pipeline.Pipeline.process_isolating`),
   counting ``loopwise_errors_total{kind="input"}``.
+- **Redis lost its data** (:class:`RedisDataLost`): neither. Retrying cannot bring the
+  state back and no message is at fault, so nothing retries it, nothing bisects a batch
+  over it: the worker stops without acking the batch (exit code 3) and says how to go on.
 """
 
 from __future__ import annotations
@@ -42,6 +45,12 @@ _KAFKA_INPUT_ERRORS: Final = (
 T = TypeVar("T")
 
 
+class RedisDataLost(Exception):
+    """Redis no longer holds the state the worker's offsets stand for: its epoch key
+    (:class:`loopwise.streams.redis_store.Epoch`) is gone or another one. The message says
+    where, for which consumer group, and the way out."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for a failure of Redis, Kafka or the network, which a later attempt may not see."""
     if isinstance(exc, _KAFKA_INPUT_ERRORS):
@@ -58,6 +67,7 @@ async def retry(work: Callable[[], Awaitable[T]], what: str, *, transient_only: 
 
     With ``transient_only`` (a batch), an error of the input is raised at once, for the
     caller to isolate; otherwise (timers, publishing, snapshots) every error is retried.
+    :class:`RedisDataLost` is never retried.
     """
     attempt = 0
     while True:
@@ -65,6 +75,8 @@ async def retry(work: Callable[[], Awaitable[T]], what: str, *, transient_only: 
             return await work()
         except asyncio.CancelledError:
             raise
+        except RedisDataLost:
+            raise  # retrying cannot bring the data back
         except Exception as exc:
             if transient_only and not is_transient(exc):
                 raise

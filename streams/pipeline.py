@@ -43,7 +43,7 @@ from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
 from loopwise.streams.decoding import MAX_TIMESTAMP_MS, Event, Rejection, decode
-from loopwise.streams.errors import ERRORS
+from loopwise.streams.errors import ERRORS, RedisDataLost
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.redis_store import RedisStore
@@ -190,6 +190,8 @@ class Pipeline:
         what = f"batch of {len(messages)} messages"
         try:
             return await retry(lambda: self.process(messages), what)
+        except RedisDataLost:
+            raise  # not the input's: no message is to blame, the worker stops
         except Exception as exc:
             ERRORS.labels("input").inc()
             if len(messages) > 1:
@@ -199,6 +201,8 @@ class Pipeline:
                 return report.add(await self.process_isolating(messages[half:], retry))
             try:  # alone: once more, in case it was not the message's fault after all
                 return await retry(lambda: self.process(messages), what)
+            except RedisDataLost:
+                raise
             except Exception as again:
                 return await self._deadletter_failure(messages[0], again, retry)
 

@@ -12,6 +12,7 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 - ``{p}decision:{id}``       a computed decision until it is shown (or expires)
 - ``{p}nba:{user_id}``       the next-best-action; ``nba:__default__`` too
 - ``{p}outbox:{partition}``  list of closed decisions' log records not yet on Kafka
+- ``{p}epoch``               JSON :class:`Epoch`: which life of this state Redis holds
 
 A batch reads once (:meth:`RedisStore.read`, one round trip) and writes once
 (:meth:`RedisStore.commit`, one MULTI/EXEC): user hashes, catalog entries,
@@ -20,35 +21,116 @@ outbox land together or not at all, so a redelivered batch finds its applied
 events marked seen and counts them as duplicates. The read-modify-write of
 user hashes assumes one writer per user, which the Kafka key (user_id) and one
 consumer per partition provide.
+
+**The epoch.** Kafka's committed offsets say which events the state in Redis includes; a
+Redis that lost its data (restarted without persistence, a lost disk, FLUSHALL) no longer
+holds that state, and the worker would go on from the offsets as if nothing happened. So
+the state carries an :class:`Epoch`, written when it begins (the worker's first start, a
+start with ``--accept-empty-redis``, the end of ``loopwise rebuild``). A store that knows
+its epoch checks it in every read (one GET in the same round trip) and raises
+:class:`loopwise.streams.errors.RedisDataLost` when it is gone or another one. A store
+without one (the benchmarks, the rebuild itself) checks nothing. A loss between a batch's
+read and its transaction lets that one batch land in the empty Redis (without an epoch);
+the next read stops the worker, and ``loopwise rebuild`` erases such leftovers first.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
+import orjson
 import redis.asyncio as aioredis
 
 from loopwise.config import Settings
 from loopwise.streams.decisions import DEFAULT_USER
+from loopwise.streams.errors import RedisDataLost
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.reward_join import Decision, OpenDecision
 from loopwise.streams.user_state import UserState, text
 
+EPOCH_ORIGINS = ("first_start", "accept_empty_redis", "rebuild")
 
-class RedisStore:
-    """Async access to the keys the worker owns."""
 
-    def __init__(self, client: aioredis.Redis, settings: Settings) -> None:
-        self.client = client
-        self.settings = settings
+@dataclass(frozen=True, slots=True)
+class Epoch:
+    """``{p}epoch``: one life of the worker's state in Redis.
+
+    ``id`` is random (32 hex characters), ``created_at_ms`` wall-clock ms, ``origin`` what
+    began it: the worker's ``first_start`` (its consumer group had no committed offsets), a
+    start with ``--accept-empty-redis``, or a ``rebuild`` from the events topic.
+    """
+
+    id: str
+    created_at_ms: int
+    origin: str
 
     @classmethod
-    def connect(cls, settings: Settings) -> RedisStore:
+    def new(cls, origin: str) -> Epoch:
+        if origin not in EPOCH_ORIGINS:
+            raise ValueError(f"epoch origin {origin!r}: one of {', '.join(EPOCH_ORIGINS)}")
+        return cls(uuid.uuid4().hex, int(time.time() * 1000), origin)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, raw: bytes | str) -> Epoch | None:
+        """The epoch stored in ``raw``, or None when it is not one (then it is not ours)."""
+        try:
+            value: Any = orjson.loads(raw)
+            return cls(str(value["id"]), int(value["created_at_ms"]), str(value["origin"]))
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            return None
+
+    def describe(self) -> str:
+        created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.created_at_ms / 1000))
+        return f"{self.id} ({self.origin}, {created})"
+
+
+def url_without_password(url: str) -> str:
+    """``redis://user:***@host:port/db``: a Redis URL fit for a log line."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+
+
+def data_lost(settings: Settings, finding: str) -> RedisDataLost:
+    """The error (one line) that says Redis lost the worker's data, and the way out."""
+    return RedisDataLost(
+        f"Redis at {url_without_password(settings.redis_url)} lost the state of consumer "
+        f"group {settings.app_id!r}: {finding}. Recompute it from the events topic with "
+        "`loopwise rebuild`, or start anew knowingly with `loopwise worker "
+        "--accept-empty-redis` (the state Redis holds now becomes the truth)"
+    )
+
+
+class RedisStore:
+    """Async access to the keys the worker owns; with ``epoch``, every read checks it."""
+
+    def __init__(
+        self, client: aioredis.Redis, settings: Settings, epoch: Epoch | None = None
+    ) -> None:
+        self.client = client
+        self.settings = settings
+        self.epoch = epoch
+
+    @classmethod
+    def connect(cls, settings: Settings, epoch: Epoch | None = None) -> RedisStore:
         client = aioredis.Redis.from_url(
             settings.redis_url, password=settings.redis_password, decode_responses=False
         )
-        return cls(client, settings)
+        return cls(client, settings, epoch)
+
+    @property
+    def epoch_key(self) -> str:
+        return self.settings.key("epoch")
 
     def key(self, *parts: str) -> str:
         return self.settings.key(*parts)
@@ -63,9 +145,13 @@ class RedisStore:
     # ------------------------------------------------------------------ reads
 
     async def read(self, reads: Reads, now_s: float | None = None) -> Inputs:
-        """Everything ``reads`` asks for, in one round trip (no transaction: one writer)."""
+        """Everything ``reads`` asks for, in one round trip (no transaction: one writer).
+
+        With an epoch, the round trip also reads ``{p}epoch`` (even when ``reads`` asks for
+        nothing) and raises :class:`RedisDataLost` unless it is still ours.
+        """
         inputs = Inputs()
-        if not (
+        if self.epoch is None and not (
             reads.event_ids
             or reads.users
             or reads.decisions
@@ -77,6 +163,8 @@ class RedisStore:
         current, previous = self._seen_keys(time.time() if now_s is None else now_s)
         catalog_key = self.key("catalog")
         async with self.client.pipeline(transaction=False) as pipe:
+            if self.epoch is not None:
+                pipe.get(self.epoch_key)
             if reads.event_ids:
                 pipe.smismember(current, reads.event_ids)
                 pipe.smismember(previous, reads.event_ids)
@@ -91,6 +179,8 @@ class RedisStore:
             if reads.whole_catalog:
                 pipe.hgetall(catalog_key)
             replies = iter(await pipe.execute())
+        if self.epoch is not None:
+            self._check_epoch(next(replies))
         if reads.event_ids:
             in_current, in_previous = next(replies), next(replies)
             inputs.applied = {
@@ -113,6 +203,27 @@ class RedisStore:
         if reads.whole_catalog:
             inputs.catalog = next(replies)
         return inputs
+
+    def _check_epoch(self, raw: bytes | None) -> None:
+        assert self.epoch is not None
+        if raw is None:
+            finding = f"its epoch key {self.epoch_key} is gone"
+        else:
+            found = Epoch.from_json(raw)
+            if found is not None and found.id == self.epoch.id:
+                return
+            what = found.describe() if found is not None else repr(raw[:80])
+            finding = f"its epoch key {self.epoch_key} now holds {what}"
+        raise data_lost(
+            self.settings,
+            f"{finding}, while this worker started on epoch {self.epoch.describe()}; "
+            "the worker stops without acking the batch",
+        )
+
+    async def load_epoch(self) -> Epoch | None:
+        """The epoch Redis holds (None when absent or not an epoch)."""
+        raw = await self.client.get(self.epoch_key)
+        return None if raw is None else Epoch.from_json(raw)
 
     async def outboxes(self, partitions: Iterable[int]) -> dict[int, list[bytes]]:
         """The pending log records of each partition's outbox (one round trip)."""
@@ -183,9 +294,56 @@ class RedisStore:
                 pipe.set(self.key("nba", DEFAULT_USER), plan.default_nba)
             await pipe.execute()
 
+    async def begin_epoch(self, origin: str) -> Epoch:
+        """Write a new epoch over any other, and check reads against it from now on."""
+        epoch = Epoch.new(origin)
+        await self.client.set(self.epoch_key, epoch.to_json())
+        self.epoch = epoch
+        return epoch
+
+    async def erase_user_state(
+        self, counters: Iterable[str], counter_prefixes: Iterable[str]
+    ) -> int:
+        """Delete what ``loopwise rebuild`` recomputes: the epoch, every ``user:*``, the
+        ``catalog``, every ``seen:*`` and the given ``stats`` fields (``counters``, and those
+        starting with one of ``counter_prefixes``). The learning loop's keys stay. The number
+        of keys and fields deleted."""
+        client = self.client
+        deleted = int(await client.delete(self.epoch_key, self.key("catalog")))
+        for family in ("user", "seen"):
+            pattern = _glob_escape(self.key(family, "")) + "*"
+            async for keys in _chunks(client.scan_iter(match=pattern, count=1000), 1000):
+                deleted += int(await client.delete(*keys))
+        stats = self.key("stats")
+        names = set(counters)
+        prefixes = tuple(counter_prefixes)
+        fields = [
+            f for f in await client.hkeys(stats) if text(f) in names or text(f).startswith(prefixes)
+        ]
+        if fields:
+            deleted += int(await client.hdel(stats, *fields))
+        return deleted
+
     async def forget(self, user_id: str) -> int:
         """Erase everything stored about one user; the number of keys removed."""
         return int(await self.client.delete(self.user_key(user_id), self.key("nba", user_id)))
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _glob_escape(literal: str) -> str:
+    """A Redis glob pattern (SCAN MATCH) that matches ``literal`` and nothing else."""
+    return "".join("\\" + c if c in "\\*?[]" else c for c in literal)
+
+
+async def _chunks(keys: AsyncIterator[bytes], size: int) -> AsyncIterator[list[bytes]]:
+    """Lists of up to ``size`` items of the async iterator ``keys``."""
+    chunk: list[bytes] = []
+    async for key in keys:
+        chunk.append(key)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -2,6 +2,31 @@
 
 A private server instead of the system one: the tests and the demo pick their own port and
 data folder, start and stop it without root, and never touch data someone else keeps.
+
+**Persistence: append-only file** (``appendonly yes``, ``appendfsync everysec``, in
+``state_dir/data/appendonlydir``; no RDB snapshots). Every write is appended to the file
+before Redis replies to it and the file is fsynced once a second, so after a restart Redis
+holds what it held before. What a crash can still lose:
+
+- **Redis alone crashes** (kill -9, the OOM killer): nothing it acknowledged, as a rule: the
+  write reached the operating system before the reply. The exception is a disk so slow that
+  the previous fsync still runs: Redis then holds new writes in memory for up to 2 s.
+- **The machine crashes** (power, kernel): up to ~1 s of acknowledged writes (~2 s on a
+  slow disk), the part not fsynced yet.
+- **Never half a batch.** A batch is one MULTI/EXEC; a transaction cut off at the end of the
+  file is dropped when it is loaded (``aof-load-truncated``), so each batch is in Redis whole
+  or not at all.
+- **But its offsets may be committed.** The worker acks a batch after its transaction and
+  Faust commits acked offsets within ``broker_commit_interval`` (1 s). After a machine crash
+  the lost last second's batches may thus have committed offsets: the worker would resume
+  after them and their events would be missing from Redis, silently (its epoch survived, so
+  the worker has nothing to notice). ``loopwise rebuild --force`` recomputes the state from
+  the events topic up to the committed offsets, those batches included; run it after a
+  machine crash when exact counts matter.
+
+A Redis that comes back empty (no persistence, a lost disk, FLUSHALL) is noticed by the
+worker through its epoch key (:mod:`loopwise.streams.redis_store`): it stops, and
+``loopwise rebuild`` recomputes the state from Kafka.
 """
 
 from __future__ import annotations
@@ -28,8 +53,8 @@ log = logging.getLogger("loopwise.infra")
 class RedisServer:
     """One ``redis-server`` whose config, data, log and pid file live in ``state_dir``.
 
-    Nothing is persisted (``save ""``, no AOF): Loopwise's state of record is Kafka, and Redis
-    is rebuilt from it. ``start`` is idempotent and ``stop`` harmless when nothing runs.
+    Persisted in an append-only file fsynced every second (see the module's docstring for
+    what a crash can lose). ``start`` is idempotent and ``stop`` harmless when nothing runs.
     """
 
     def __init__(self, host: str = "127.0.0.1", *, port: int, state_dir: Path) -> None:
@@ -100,7 +125,7 @@ class RedisServer:
             log.info("Redis up on %s (pid %d) in %.1f s", self.url, pid, time.monotonic() - started)
 
     def stop(self, timeout: float = 30) -> None:
-        """Stop our server (SIGTERM: with no save points it exits without writing anything)."""
+        """Stop our server (SIGTERM: it fsyncs the append-only file, then exits)."""
         if not self.state_dir.is_dir():
             return
         with file_lock(self.state_dir / ".lock", f"Redis in {self.state_dir}"):
@@ -138,7 +163,10 @@ class RedisServer:
             "loglevel notice\n"
             f'dir "{self.data_dir}"\n'
             'save ""\n'
-            "appendonly no\n"
+            "appendonly yes\n"
+            'appenddirname "appendonlydir"\n'
+            "appendfsync everysec\n"
+            "aof-load-truncated yes\n"
         )
 
     def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
