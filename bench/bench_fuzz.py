@@ -1055,6 +1055,7 @@ class WorkerRun:
     error_lines: int
     warning_lines: int
     excerpts: list[str]
+    warnings: list[str]
     stalled: str | None
 
 
@@ -1126,6 +1127,7 @@ def run_worker(settings: Settings, published: int, log_path: Path, stall_s: floa
         len(errors),
         len(warnings),
         excerpts,
+        list(dict.fromkeys(re.sub(r"^\S+ ", "", w)[:300] for w in warnings))[:10],
         stalled,
     )
 
@@ -1445,6 +1447,8 @@ def report(
         )
         for (fam, variant, intended, oracle), count in ledger.intended_mismatch.most_common(20):
             console.print(f"  {fam}/{variant}: intended {intended}, decode {oracle}: {count}")
+    for warning in run.warnings:
+        console.print("[yellow]worker warning:[/yellow] " + warning, highlight=False)
     for excerpt in run.excerpts:
         console.print("[red]worker output:[/red]\n" + excerpt, markup=False, highlight=False)
     for example in dead.examples[:10]:
@@ -1486,6 +1490,7 @@ def report(
             "tracebacks": run.tracebacks,
             "error_lines": run.error_lines,
             "warning_lines": run.warning_lines,
+            "distinct_warnings": run.warnings,
             "output_excerpts": run.excerpts,
         },
         "deadletter_topic": {
