@@ -558,6 +558,7 @@ BENCHMARKS: dict[str, str] = {
     "freshness": "click -> nba:{user} latency under load vs Kafka delivery",
     "ope": "replay records/s on a 1M-record log vs a per-record loop",
     "policies": "offline learning of the policies on the simulator",
+    "fuzz": "1M hostile messages through the worker, every count reconciled",
 }
 """The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
