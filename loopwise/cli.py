@@ -212,13 +212,9 @@ def _where(exc: BaseException) -> str:
 
 
 def _without_password(url: str) -> str:
-    from urllib.parse import urlsplit, urlunsplit
+    from loopwise.streams.redis_store import url_without_password
 
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:***@{host}"))
+    return url_without_password(url)
 
 
 def _settings(ctx: click.Context) -> Settings:
