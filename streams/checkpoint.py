@@ -20,7 +20,8 @@ replays the batch); a failure after it leaves the records in the outbox, and
 in the outbox: before a partition's outbox is published for the first time,
 the records already at the tail of its log partition are dropped from it. So a
 closed decision is logged exactly once, and none is lost. A replayed batch may
-put a dead letter on the topic twice (at-least-once); it is counted once.
+put a dead letter on the topic again (at-least-once), and counts it again:
+``consumed`` counts deliveries, ``accepted`` each event once.
 """
 
 from __future__ import annotations
