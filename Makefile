@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -56,6 +56,9 @@ bench: install  ## end-to-end throughput: worker vs raw consumption ceiling
 
 bench-ope: install  ## replay throughput on a 1M-record log vs a per-record Python loop (~12 min)
 	$(BIN)/python -m bench.bench_ope
+
+bench-fuzz: install  ## 1M hostile messages through the real worker, every count reconciled (~12 min)
+	$(BIN)/python -m bench.bench_fuzz
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache
