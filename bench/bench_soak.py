@@ -137,6 +137,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--json", type=Path, default=RESULTS / "soak.json", help="samples, summary")
     parser.add_argument("--png", type=Path, default=ROOT / "docs" / "soak.png", help="the plot")
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw --png from a soak JSON"
+    )
     args = parser.parse_args()
     if args.minutes <= 0 or args.rate <= 0 or args.sample_s <= 0 or args.views_per_s < 0:
         parser.error("--minutes, --rate and --sample-s must be > 0, --views-per-s >= 0")
@@ -714,14 +717,16 @@ def plot(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     ttl_min = args.superseded_ttl_s / 60
     if ttl_min <= minutes[-1]:
         axes[1].axvline(ttl_min, color="tab:green", ls=":", lw=1)
+        at_right = ttl_min > 0.8 * minutes[-1]
         axes[1].annotate(
-            " superseded TTL",
+            "superseded TTL " if at_right else " superseded TTL",
             (ttl_min, 0.05),
             xycoords=("data", "axes fraction"),
             color="tab:green",
+            ha="right" if at_right else "left",
         )
-    for ax in axes[:2]:
-        ax.legend(loc="lower right", fontsize=8)
+    axes[0].legend(loc="lower right", fontsize=8)
+    axes[1].legend(loc="upper left", fontsize=8)  # Redis starts near 0: that corner is free
     axes[2].plot(minutes, consumed, color="tab:purple", lw=1.6, label="events consumed")
     axes[2].set_ylabel("events consumed (thousands)", color="tab:purple")
     axes[2].set_xlabel("minutes")
@@ -754,8 +759,19 @@ def plot(result: dict[str, Any], args: argparse.Namespace, path: Path) -> None:
     plt.close(fig)
 
 
+def replot(args: argparse.Namespace) -> None:
+    data = orjson.loads(args.replot.read_bytes())
+    config = data["config"]
+    keys = ("rate", "users", "items", "views_per_s", "superseded_ttl_s")
+    plot(data, argparse.Namespace(**{k: config[k] for k in keys}), args.png)
+    console.print(f"written to {args.png}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.replot:
+        replot(args)
+        return
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="loopwise-soak-") as tmp:
         infra = LocalInfra.for_tests(Path(tmp))
