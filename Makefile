@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -59,6 +59,9 @@ bench-ope: install  ## replay throughput on a 1M-record log vs a per-record Pyth
 
 bench-fuzz: install  ## 1M hostile messages through the real worker, every count reconciled (~12 min)
 	$(BIN)/python -m bench.bench_fuzz
+
+bench-soak: install  ## worker RSS and Redis memory under 10 minutes of steady traffic, plot
+	$(BIN)/python -m bench.bench_soak
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache

@@ -555,6 +555,7 @@ BENCHMARKS: dict[str, str] = {
     "ope": "replay records/s on a 1M-record log vs a per-record loop",
     "policies": "offline learning of the policies on the simulator",
     "fuzz": "1M hostile messages through the worker, every count reconciled",
+    "soak": "worker RSS and Redis memory under 10 min of steady traffic: levels off or not",
 }
 """The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
