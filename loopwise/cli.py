@@ -104,6 +104,7 @@ def user_error_message(exc: BaseException, settings: Settings | None) -> str | N
     from loopwise.learners.policy import SnapshotError
     from loopwise.learners.targets import TargetError
     from loopwise.replay import ReplayError
+    from loopwise.streams.redis_store import url_without_password
 
     if isinstance(exc, ConfigError) and str(exc).count("\n") == 1:
         return str(exc).replace(":\n  ", ": ")  # one setting: one line
@@ -159,7 +160,7 @@ def user_error_message(exc: BaseException, settings: Settings | None) -> str | N
         return f"{kafka_at} refused access ({kafka_setting}): {_text(exc)}"
 
     redis_at = (
-        f"Redis at {_without_password(settings.redis_url)}" if settings is not None else "Redis"
+        f"Redis at {url_without_password(settings.redis_url)}" if settings is not None else "Redis"
     )
     if isinstance(exc, redis.exceptions.AuthenticationError):
         return f"{redis_at} refused the password (LOOPWISE_REDIS_PASSWORD): {_text(exc)}"
@@ -209,12 +210,6 @@ def _where(exc: BaseException) -> str:
             if path.is_relative_to(root):
                 return f" (at {root.name}/{path.relative_to(root)}:{frame.lineno} in {frame.name})"
     return ""
-
-
-def _without_password(url: str) -> str:
-    from loopwise.streams.redis_store import url_without_password
-
-    return url_without_password(url)
 
 
 def _settings(ctx: click.Context) -> Settings:

@@ -49,9 +49,6 @@ log = logging.getLogger("loopwise.worker")
 EVENTS = PromCounter("loopwise_events_total", "consumed events by outcome", ["outcome"])
 BATCH_SECONDS = Histogram("loopwise_batch_seconds", "time to apply one batch to Redis")
 LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned")
-LOG_INVALID = PromCounter(
-    "loopwise_log_invalid_total", "propensity-log records skipped as invalid", ["reason"]
-)
 
 
 def _reraise(exc: RedisDataLost) -> None:
@@ -184,11 +181,7 @@ def build_app(
             async for batch in stream.noack_take(settings.batch_size, 0.5):
                 records = [(e.message.partition, e.message.offset, e.message.value) for e in batch]
                 async with learner_lock:
-                    before = dict(the_learner.invalid_reasons)
                     LEARNED.inc(the_learner.learn(records))
-                    for reason, count in the_learner.invalid_reasons.items():
-                        if count > before.get(reason, 0):
-                            LOG_INVALID.labels(reason).inc(count - before.get(reason, 0))
                     learned_unacked.extend(batch)
                 await snapshot_and_ack()
 

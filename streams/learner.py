@@ -27,6 +27,7 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from prometheus_client import Counter as PromCounter
 
 from loopwise.config import Settings
 from loopwise.learners.log_record import LogRecord, LogRecordError
@@ -36,6 +37,10 @@ from loopwise.learners.river_models import RewardMonitor
 from loopwise.streams.decisions import POPULARITY_HALF_LIFE
 
 log = logging.getLogger("loopwise.learner")
+
+LOG_INVALID = PromCounter(
+    "loopwise_log_invalid_total", "propensity-log records skipped as invalid", ["reason"]
+)
 
 
 def build_policies(settings: Settings) -> dict[str, Policy]:
@@ -127,6 +132,7 @@ class Learner:
             except LogRecordError as exc:
                 self.invalid += 1
                 self.invalid_reasons[exc.reason] += 1
+                LOG_INVALID.labels(exc.reason).inc()
                 log.warning(
                     "log record at partition %d offset %d not learned: %s (%s)",
                     partition,

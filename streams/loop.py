@@ -103,33 +103,30 @@ class LearningLoop:
         self.join.close_due(now_ms, changes)
         self._plan_join(plan, changes)
 
+        # No consent: no decision, and the old one is erased (with or without a catalog).
+        plan.nba_removed.extend(u for u, state in states.items() if state is None)
         actions = self.catalog.actions
-        if actions:
-            latest_context: dict[str, dict[str, Any]] = {}
-            latest_event: dict[str, str] = {}
-            for event, _ in user_events:
-                latest_event[event.user_id or ""] = event.event_id
-                if event.raw.get("context"):
-                    latest_context[event.user_id or ""] = event.raw["context"]
-            made = 0
-            for user_id, state in states.items():
-                if state is None:
-                    plan.nba_removed.append(user_id)
-                    continue
-                context = latest_context.get(user_id, {})
-                decision = self.maker.decide(user_id, state, context, actions, now_ms)
-                plan.decisions_set[decision.decision_id] = decision.to_json()
-                previous = self._remember(user_id, decision.decision_id)
-                if previous is not None:
-                    plan.decisions_superseded.append(previous)
-                plan.nba_set[user_id] = nba_json(
-                    decision, {"last_event_id": latest_event.get(user_id, "")}
-                )
-                made += 1
-            plan.counters["decisions_made"] += made
-            plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
-        else:
-            plan.nba_removed.extend(u for u, s in states.items() if s is None)
+        if not actions:
+            return
+        latest_context: dict[str, dict[str, Any]] = {}
+        latest_event: dict[str, str] = {}
+        for event, _ in user_events:
+            latest_event[event.user_id or ""] = event.event_id
+            if event.raw.get("context"):
+                latest_context[event.user_id or ""] = event.raw["context"]
+        decided = [(user_id, state) for user_id, state in states.items() if state is not None]
+        for user_id, state in decided:
+            context = latest_context.get(user_id, {})
+            decision = self.maker.decide(user_id, state, context, actions, now_ms)
+            plan.decisions_set[decision.decision_id] = decision.to_json()
+            previous = self._remember(user_id, decision.decision_id)
+            if previous is not None:
+                plan.decisions_superseded.append(previous)
+            plan.nba_set[user_id] = nba_json(
+                decision, {"last_event_id": latest_event.get(user_id, "")}
+            )
+        plan.counters["decisions_made"] += len(decided)
+        plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
 
     def _remember(self, user_id: str, decision_id: str) -> str | None:
         latest = self._latest
