@@ -24,6 +24,7 @@ from worker_helpers import stats, wait_until
 
 from loopwise.config import Settings, load_settings
 from loopwise.infra import RedisServer, free_port
+from loopwise.infra.kafka_broker import port_open
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.streams.redis_store import Epoch
 from loopwise.streams.topics import ensure_topics
@@ -68,6 +69,9 @@ def kill_9(server: RedisServer) -> None:
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: server.pid() is None, 30, "redis-server to die")
+    # /proc shows no command line once the dying process has released its memory, a moment
+    # before the kernel closes its files: wait for the listening socket too.
+    wait_until(lambda: not port_open(server.host, server.port), 30, "redis-server's port to close")
 
 
 def user_state(r: redis.Redis, s: Settings) -> dict[str, Any]:

@@ -481,8 +481,10 @@ def find_java() -> str:
 def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
     """Something accepts TCP connections on ``host:port``."""
     try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            # With nothing listening on a port of the ephemeral range, a loopback connect can
+            # pick that very port as its source and "connect" to itself (TCP simultaneous open).
+            return bool(sock.getsockname() != sock.getpeername())
     except OSError:
         return False
 
