@@ -140,7 +140,7 @@ class Settings(BaseSettings):
         86_400, ge=1, description="lifetime of nba:{user_id} and stored decisions"
     )
     superseded_decision_ttl_s: int = Field(
-        600,
+        120,
         ge=1,
         description="how long a decision stays showable once a newer one replaced it in "
         "nba:{user_id} (a serving layer may have read it just before)",
@@ -209,6 +209,11 @@ class Settings(BaseSettings):
         )
 
     # Derived values.
+    @property
+    def decision_ttl_s(self) -> int:
+        """Lifetime of a stored decision: its next-best-action's plus the attribution window."""
+        return self.nba_ttl_s + self.attribution_window_ms // 1000 + 1
+
     def key(self, *parts: str) -> str:
         """The Redis key ``{prefix}{part0}:{part1}…``."""
         return self.key_prefix + ":".join(parts)

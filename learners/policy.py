@@ -24,6 +24,7 @@ based policies pickle their models.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ __all__ = [
     "Policy",
     "SnapshotError",
     "apply_floor",
+    "item_version",
     "pack_snapshot",
     "restore",
     "sample",
@@ -81,6 +83,21 @@ class Action:
             record = self.derived["record"] = {"id": self.id, "features": self.features}
         return record
 
+    @property
+    def version(self) -> str:
+        """The content address of the features (:func:`item_version`), computed once."""
+        version = self.derived.get("version")
+        if version is None:
+            version = self.derived["version"] = item_version(self.features)
+        return str(version)
+
+
+def item_version(features: Mapping[str, Any]) -> str:
+    """A short content address of an item's features: 12 hex digits of BLAKE2b over their
+    JSON with sorted keys. Stored decisions name their candidates by (item id, version)."""
+    blob = orjson.dumps(features, option=orjson.OPT_SORT_KEYS)
+    return hashlib.blake2b(blob, digest_size=6).hexdigest()
+
 
 class ActionTable:
     """The one per-item cache: one :class:`Action` per item and version of its features.
@@ -107,6 +124,10 @@ class ActionTable:
         if action is not None and (action.features is features or action.features == features):
             return action
         return self._put(Action(item_id, features))
+
+    def current(self, item_id: str) -> Action | None:
+        """The item's latest action, if the table knows the item."""
+        return self._actions.get(item_id)
 
     def intern(self, action: Action) -> Action:
         """The table's action equal to ``action`` (``action`` itself when it is new)."""

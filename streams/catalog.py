@@ -55,6 +55,13 @@ class Catalog:
         category = None if features is None else features.get("category")
         return None if category is None else str(category)
 
+    def record(self, item_id: str, version: str) -> dict[str, Any] | None:
+        """The ``{"id", "features"}`` record of an item version, if it is the item's latest."""
+        action = self._table.current(item_id)
+        if action is None or action.version != version:
+            return None
+        return action.as_record()
+
     def unknown(self, item_ids: Iterable[str]) -> list[str]:
         """The ids among ``item_ids`` this catalog has never seen (to read from Redis)."""
         items = self.items

@@ -27,6 +27,7 @@ put a dead letter on the topic again (at-least-once), and counts it again:
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable
 
 from loopwise.learners.log_record import LogRecord
@@ -62,6 +63,9 @@ class Checkpoint:
             await self.send_deadletters(plan.deadletters)
         if plan.writes_redis():
             await self.store.commit(plan)
+            written_at = time.time()
+            for action in plan.item_versions:  # in Redis now: renewed only once it ages
+                action.derived["written_at"] = written_at
 
     async def publish(self, partitions: Iterable[int]) -> int:
         """Steps 3-4 for ``partitions``' outboxes; the number of records sent."""

@@ -119,6 +119,7 @@ class DecisionMaker:
             actions=[a.as_record() for a in candidates],  # built once per item version
             pmf=[float(p) for p in pmf],
             chosen=chosen,
+            versions=[a.version for a in candidates],  # computed once per item version
         )
 
     def default_decision(self, actions: Sequence[Action], now_ms: int) -> Decision:

@@ -6,7 +6,9 @@ loop part (:class:`loopwise.streams.plan.BatchPlan`); the checkpoint writes it
 (``{p}`` is ``key_prefix``):
 
 - ``{p}join:{partition}``   open decisions (shown, collecting rewards), per events partition
-- ``{p}decision:{id}``      a computed decision until it is shown (or expires)
+- ``{p}decision:{id}``      a computed decision until it is shown (or expires); its
+  candidates by (item id, version), so it does not copy their features
+- ``{p}itemv:{id}:{version}`` the features of an item version decisions refer to
 - ``{p}nba:{user_id}``      the next-best-action; ``nba:__default__`` too
 - ``{p}outbox:{partition}`` closed decisions' log records, until the log has them
 
@@ -23,12 +25,15 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import orjson
+
 from loopwise.config import Settings
+from loopwise.learners.policy import Action
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.decisions import DecisionMaker, nba_json
 from loopwise.streams.decoding import Event
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
-from loopwise.streams.reward_join import JoinChanges, OpenDecision, RewardJoin
+from loopwise.streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin
 from loopwise.streams.user_state import UserState
 
 log = logging.getLogger("loopwise.loop")
@@ -50,6 +55,8 @@ class LearningLoop:
         # user -> their latest decision's id, so that it expires soon once replaced (bounded:
         # a user beyond it keeps their old decisions for the full TTL, nothing worse).
         self._latest: OrderedDict[str, str] = OrderedDict()
+        # When the catalog's item versions were last checked for writing (see _item_versions).
+        self._versions_checked: tuple[int, float] = (-1, float("-inf"))
 
     # ------------------------------------------------------------ ownership
 
@@ -70,6 +77,7 @@ class LearningLoop:
     def forget_memory(self) -> None:
         """Drop the in-memory join; the next batch reloads it from Redis (after a failure)."""
         self.disown(set(self.partitions))
+        self._versions_checked = (-1, float("-inf"))  # the failed plan's may not be written
 
     # ------------------------------------------------------------------ plan
 
@@ -99,7 +107,8 @@ class LearningLoop:
                 self.own(partition, open_decisions)
         changes = JoinChanges()
         user_events = [(e, p) for e, p in events if e.type != "item"]
-        self.join.apply(user_events, inputs.decisions, changes, now_ms)
+        decisions = self._stored_decisions(inputs, changes)
+        self.join.apply(user_events, decisions, changes, now_ms)
         self.join.close_due(now_ms, changes)
         self._plan_join(plan, changes)
 
@@ -126,7 +135,65 @@ class LearningLoop:
                 decision, {"last_event_id": latest_event.get(user_id, "")}
             )
         plan.counters["decisions_made"] += len(decided)
+        if decided:
+            self._item_versions(plan, actions, now_ms / 1000)
         plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
+
+    def missing_item_versions(self, inputs: Inputs) -> list[tuple[str, str]]:
+        """The item versions the batch's stored decisions refer to that the catalog does not
+        hold (items changed since): to read from Redis before planning."""
+        record = self.catalog.record
+        return sorted(
+            {
+                ref
+                for stored in inputs.decisions.values()
+                for ref in Decision.references(stored)
+                if record(*ref) is None
+            }
+        )
+
+    def _stored_decisions(self, inputs: Inputs, changes: JoinChanges) -> dict[str, Decision]:
+        """The batch's stored decisions with their candidates' features, from the catalog or
+        from the item versions read. One whose versions are gone is unknown (counted)."""
+        fetched: dict[tuple[str, str], dict[str, Any] | None] = {}
+        catalog_record = self.catalog.record
+
+        def resolve(item_id: str, version: str) -> dict[str, Any] | None:
+            record = catalog_record(item_id, version)
+            if record is not None:
+                return record
+            ref = (item_id, version)
+            if ref not in fetched:
+                raw = inputs.item_versions.get(ref)
+                fetched[ref] = (
+                    None if raw is None else {"id": item_id, "features": orjson.loads(raw)}
+                )
+            return fetched[ref]
+
+        decisions = {}
+        for decision_id, stored in inputs.decisions.items():
+            decision = Decision.from_stored(stored, resolve)
+            if decision is None:
+                changes.count("decisions_unresolved")
+                log.warning("decision %s refers to item versions no longer stored", decision_id)
+                continue
+            decisions[decision_id] = decision
+        return decisions
+
+    def _item_versions(self, plan: BatchPlan, actions: list[Action], now_s: float) -> None:
+        """Stored decisions name their candidates by item version; the ``itemv:`` keys hold
+        the versions' features for twice a decision's lifetime, written when a version is new
+        to this worker and again once it is older than one lifetime (so every decision's
+        versions outlive it). Checked when the catalog changed, else at most every minute."""
+        ttl = self.settings.decision_ttl_s
+        version, checked_at = self._versions_checked
+        if version == self.catalog.version and now_s - checked_at < min(60.0, ttl / 4):
+            return
+        self._versions_checked = (self.catalog.version, now_s)
+        due = now_s - ttl / 2
+        plan.item_versions = [
+            a for a in actions if a.derived.get("written_at", float("-inf")) <= due
+        ]
 
     def _remember(self, user_id: str, decision_id: str) -> str | None:
         latest = self._latest

@@ -263,6 +263,10 @@ class Pipeline:
             self.loop.reads(with_partitions, reads)
         inputs = await self.store.read(reads)
         self._take_catalog(inputs)
+        if self.loop is not None and inputs.decisions:
+            missing = self.loop.missing_item_versions(inputs)
+            if missing:  # items changed since those decisions: a second, rare round trip
+                inputs.item_versions = dict(await self.store.item_versions(missing))
 
         plan = BatchPlan(deadletters=batch.deadletters, counters=batch.counters)
         applied = inputs.applied

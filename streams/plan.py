@@ -16,8 +16,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
-from loopwise.streams.reward_join import Decision, OpenDecision
+from loopwise.learners.policy import Action
+from loopwise.streams.reward_join import OpenDecision
 from loopwise.streams.user_state import UserState
 
 
@@ -39,7 +41,9 @@ class Inputs:
 
     applied: set[str] = field(default_factory=set)
     states: dict[str, UserState] = field(default_factory=dict)
-    decisions: dict[str, Decision] = field(default_factory=dict)
+    decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored form, parsed
+    # features JSON of the item versions stored decisions refer to and the catalog lacks
+    item_versions: dict[tuple[str, str], bytes | None] = field(default_factory=dict)
     joins: dict[int, list[OpenDecision]] = field(default_factory=dict)
     items: dict[str, bytes | None] = field(default_factory=dict)
     catalog: dict[bytes, bytes] | None = None
@@ -69,6 +73,8 @@ class BatchPlan:
     decisions_set: dict[str, bytes] = field(default_factory=dict)
     decisions_removed: list[str] = field(default_factory=list)
     decisions_superseded: list[str] = field(default_factory=list)  # replaced in nba: expire soon
+    # item versions decisions refer to, written (or their lifetime renewed) with the batch
+    item_versions: list[Action] = field(default_factory=list)
     nba_set: dict[str, bytes] = field(default_factory=dict)
     nba_removed: list[str] = field(default_factory=list)
     default_nba: bytes | None = None
@@ -87,6 +93,7 @@ class BatchPlan:
             or self.decisions_set
             or self.decisions_removed
             or self.decisions_superseded
+            or self.item_versions
             or self.nba_set
             or self.nba_removed
             or self.default_nba is not None

@@ -10,6 +10,7 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
   deadlettered, deadletter:{reason}, no_consent, batches, and the loop's
 - ``{p}join:{partition}``    hash decision_id → open decision (JSON), per events partition
 - ``{p}decision:{id}``       a computed decision until it is shown (or expires)
+- ``{p}itemv:{id}:{version}`` an item version's features, which decisions refer to
 - ``{p}nba:{user_id}``       the next-best-action; ``nba:__default__`` too
 - ``{p}outbox:{partition}``  list of closed decisions' log records not yet on Kafka
 - ``{p}epoch``               JSON :class:`Epoch`: which life of this state Redis holds
@@ -50,7 +51,7 @@ from loopwise.config import Settings
 from loopwise.streams.decisions import DEFAULT_USER
 from loopwise.streams.errors import RedisDataLost
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
-from loopwise.streams.reward_join import Decision, OpenDecision
+from loopwise.streams.reward_join import OpenDecision
 from loopwise.streams.user_state import UserState, text
 
 EPOCH_ORIGINS = ("first_start", "accept_empty_redis", "rebuild")
@@ -193,7 +194,7 @@ class RedisStore:
         if reads.decisions:
             stored = next(replies)
             inputs.decisions = {
-                i: Decision.from_json(v) for i, v in zip(reads.decisions, stored, strict=True) if v
+                i: orjson.loads(v) for i, v in zip(reads.decisions, stored, strict=True) if v
             }
         for partition in reads.join_partitions:
             raw = next(replies)
@@ -203,6 +204,18 @@ class RedisStore:
         if reads.whole_catalog:
             inputs.catalog = next(replies)
         return inputs
+
+    async def item_versions(self, refs: Iterable[tuple[str, str]]) -> dict[tuple[str, str], bytes]:
+        """The features JSON of item versions (``itemv:{item_id}:{version}``) that exist."""
+        wanted = sorted(set(refs))
+        if not wanted:
+            return {}
+        found = await self.client.mget([self.key("itemv", i, v) for i, v in wanted])
+        return {
+            ref: raw if isinstance(raw, bytes) else raw.encode()
+            for ref, raw in zip(wanted, found, strict=True)
+            if raw is not None
+        }
 
     def _check_epoch(self, raw: bytes | None) -> None:
         assert self.epoch is not None
@@ -252,7 +265,7 @@ class RedisStore:
         settings = self.settings
         current, _ = self._seen_keys(time.time() if now_s is None else now_s)
         nba_ttl = settings.nba_ttl_s
-        decision_ttl = nba_ttl + settings.attribution_window_ms // 1000 + 1
+        decision_ttl = settings.decision_ttl_s
         async with self.client.pipeline(transaction=True) as pipe:
             for user_id, state in plan.users.items():
                 key = self.user_key(user_id)
@@ -284,6 +297,12 @@ class RedisStore:
                 pipe.delete(*(self.key("decision", i) for i in plan.decisions_removed))
             for decision_id in plan.decisions_superseded:
                 pipe.expire(self.key("decision", decision_id), settings.superseded_decision_ttl_s)
+            for action in plan.item_versions:
+                pipe.set(
+                    self.key("itemv", action.id, action.version),
+                    orjson.dumps(action.features),
+                    ex=2 * decision_ttl,
+                )
             for decision_id, decision in plan.decisions_set.items():
                 pipe.set(self.key("decision", decision_id), decision, ex=decision_ttl)
             for user_id, nba in plan.nba_set.items():

@@ -24,13 +24,14 @@ Redis with each batch and reloads them after a restart.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 
 from loopwise.learners.log_record import LogRecord
+from loopwise.learners.policy import item_version
 from loopwise.streams.decoding import Event
 
 
@@ -67,19 +68,63 @@ class Decision:
     actions: list[dict[str, Any]]  # [{"id", "features"}]
     pmf: list[float]
     chosen: int
+    # each action's item version (loopwise.learners.policy.item_version of its features)
+    versions: list[str] = field(default_factory=list)
 
     @property
     def item_id(self) -> str:
         return str(self.actions[self.chosen]["id"])
 
     def to_json(self) -> bytes:
-        # orjson serializes dataclasses natively, fields in order: the bytes asdict() would
-        # give, without its deep copy (which was a third of the worker's time per decision).
-        return orjson.dumps(self)
+        """The stored form (``decision:{id}``): the candidates by reference, ``actions`` their
+        ids and ``versions`` their item versions, whose features are in ``itemv:`` keys, so a
+        decision does not copy every candidate's features."""
+        actions = self.actions
+        versions = self.versions
+        if len(versions) != len(actions):
+            versions = [item_version(a["features"]) for a in actions]
+        return orjson.dumps(
+            {
+                "decision_id": self.decision_id,
+                "user_id": self.user_id,
+                "arm": self.arm,
+                "policy_version": self.policy_version,
+                "computed_at": self.computed_at,
+                "context": self.context,
+                "user_features": self.user_features,
+                "actions": [a["id"] for a in actions],
+                "versions": versions,
+                "pmf": self.pmf,
+                "chosen": self.chosen,
+            }
+        )
+
+    @staticmethod
+    def references(stored: Mapping[str, Any]) -> list[tuple[str, str]]:
+        """The (item id, version) pairs a stored decision refers to (none in the old form)."""
+        actions = stored.get("actions") or []
+        if actions and isinstance(actions[0], dict):
+            return []
+        return list(zip(actions, stored.get("versions") or [], strict=True))
 
     @classmethod
-    def from_json(cls, raw: bytes | str) -> Decision:
-        return cls(**orjson.loads(raw))
+    def from_stored(
+        cls, stored: Mapping[str, Any], resolve: Callable[[str, str], dict[str, Any] | None]
+    ) -> Decision | None:
+        """The decision of a stored form (:meth:`to_json`, parsed); ``resolve(item_id, version)``
+        gives an action's ``{"id", "features"}`` record. None when a version is unknown."""
+        fields = dict(stored)
+        actions = fields.get("actions") or []
+        if actions and isinstance(actions[0], dict):  # stored before decisions held references
+            return cls(**fields)
+        records = []
+        for item_id, version in cls.references(stored):
+            record = resolve(item_id, version)
+            if record is None:
+                return None
+            records.append(record)
+        fields["actions"] = records
+        return cls(**fields)
 
 
 @dataclass(slots=True)

@@ -82,9 +82,29 @@ def test_closed_loop_learns_close_to_the_oracle(
         records = list(read_log(log_file))
         assert len(records) == closed > 90_000
         assert len({rec["decision_id"] for rec in records}) == len(records)
+        catalog = {k.decode(): orjson.loads(v) for k, v in r.hgetall(s.key("catalog")).items()}
         for rec in records:
             assert rec["propensity"] == rec["pmf"][rec["chosen"]]
             assert rec["arm"] in s.arms
+            # The candidates' features as decided, resolved from the stored decision's
+            # item versions (the catalog did not change during the run).
+            for action in rec["actions"]:
+                features = {k: v for k, v in catalog[action["id"]].items() if k != "active"}
+                assert action["features"] == features
+        # Decisions not shown are stored compact: candidates by item version, whose features
+        # are in itemv: keys that outlive them.
+        stored = [
+            orjson.loads(r.get(key) or b"null")
+            for key in list(r.scan_iter(match=s.key("decision", "*"), count=1000))[:200]
+        ]
+        stored = [d for d in stored if d is not None]
+        assert stored
+        for decision in stored:
+            assert all(isinstance(a, str) for a in decision["actions"])
+            for item_id, version in zip(decision["actions"], decision["versions"], strict=True):
+                assert r.ttl(s.key("itemv", item_id, version)) > r.ttl(
+                    s.key("decision", decision["decision_id"])
+                )
         # The learner's reward-rate monitor, saved with its snapshots: every arm watched.
         monitor = orjson.loads(r.hget(s.key("model"), "reward_monitor") or b"{}")
         assert set(monitor) == set(s.arms), monitor

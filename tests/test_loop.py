@@ -152,7 +152,7 @@ def test_loop_plans_open_decide_and_default_then_a_tick_closes_into_the_outbox()
     events = [(view, 3), (ev("view", 120, "u2", "i0"), 3)]
     states: dict[str, UserState | None] = {"u1": UserState(views=1), "u2": None}
     plan = BatchPlan()
-    inputs = Inputs(decisions={"d1": shown}, joins={3: []})
+    inputs = Inputs(decisions={"d1": orjson.loads(shown.to_json())}, joins={3: []})
     loop.plan(plan, events, states, inputs, now_ms=10_000)
 
     assert loop.partitions == {3}
@@ -181,6 +181,75 @@ def test_a_replaced_decision_is_marked_to_expire_soon() -> None:
     loop.plan(second, [(ev("view", 2), 0)], states, Inputs(), now_ms=0)
     assert not first.decisions_superseded
     assert second.decisions_superseded == list(first.decisions_set)
+
+
+def test_a_shown_decision_gets_its_candidates_features_back_by_item_version() -> None:
+    """The stored decision holds (id, version) pairs: the catalog's current versions resolve
+    without Redis, an item changed since is read from its itemv key, a lost one is counted."""
+    loop = loop_with(catalog_of(("i0", {"category": "a"}), ("i1", {"category": "b"})))
+    plan = BatchPlan()
+    loop.plan(plan, [(ev("view", 1), 0)], {"u1": UserState()}, Inputs(joins={0: []}), now_ms=0)
+    [(decision_id, raw)] = plan.decisions_set.items()
+    stored = orjson.loads(raw)
+    assert stored["actions"] == ["i0", "i1"] and "features" not in stored
+    chosen = stored["actions"][stored["chosen"]]
+    view = (ev("view", 5, item=chosen, decision_id=decision_id), 0)
+
+    shown = BatchPlan()
+    inputs = Inputs(decisions={decision_id: stored})
+    assert loop.missing_item_versions(inputs) == []  # both are the catalog's current versions
+    loop.plan(shown, [view], {"u1": UserState()}, inputs, now_ms=0)
+    opened = OpenDecision.from_json(shown.join_set[0][decision_id])
+    assert opened.decision.actions == [
+        {"id": "i0", "features": {"category": "a"}},
+        {"id": "i1", "features": {"category": "b"}},
+    ]
+
+    loop = loop_with(catalog_of(("i0", {"category": "a"}), ("i1", {"category": "new"})))
+    inputs = Inputs(decisions={decision_id: stored}, joins={0: []})
+    [ref] = loop.missing_item_versions(inputs)
+    assert ref == ("i1", stored["versions"][1])
+    inputs.item_versions = {ref: orjson.dumps({"category": "b"})}
+    resolved = BatchPlan()
+    loop.plan(resolved, [view], {"u1": UserState()}, inputs, now_ms=0)
+    opened = OpenDecision.from_json(resolved.join_set[0][decision_id])
+    assert opened.decision.actions[1] == {"id": "i1", "features": {"category": "b"}}
+    assert loop.join.record(opened).actions[1]["features"] == {"category": "b"}  # as decided
+
+    loop = loop_with(catalog_of(("i0", {"category": "a"}), ("i1", {"category": "new"})))
+    lost = BatchPlan()
+    inputs = Inputs(decisions={decision_id: stored}, joins={0: []})
+    loop.plan(lost, [view], {"u1": UserState()}, inputs, now_ms=0)
+    assert lost.counters["decisions_unresolved"] == 1 and not lost.join_set
+
+
+def test_item_versions_are_written_when_new_and_renewed_once_old() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+    day = loop.settings.decision_ttl_s
+    states: dict[str, UserState | None] = {"u1": UserState()}
+    plan = BatchPlan()
+    loop.plan(plan, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=0)
+    checkpoint = Checkpoint(RecordingStore([], {}), deadletters_ignored)  # type: ignore[arg-type]
+    asyncio.run(checkpoint.commit(plan))  # a committed version is marked with its write time
+    assert all("written_at" in a.derived for a in plan.item_versions)
+
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+
+    def batch(now_s: float) -> list[str]:
+        plan = BatchPlan()
+        loop.plan(plan, [(ev("view", int(now_s)), 0)], states, Inputs(), int(now_s * 1000))
+        for action in plan.item_versions:  # committed, at the plan's time
+            action.derived["written_at"] = now_s
+        return [a.id for a in plan.item_versions]
+
+    assert batch(1000.0) == ["i0", "i1"]  # new to this worker
+    assert batch(1001.0) == []  # written, catalog unchanged
+    loop.catalog.update({"i1": {"price": 2.0}})
+    assert batch(1002.0) == ["i1"]  # a new version of i1
+    assert batch(1000.0 + day / 2 + 61) == ["i0", "i1"]  # half their lifetime gone: renewed
+    loop.forget_memory()  # a failed batch: its versions may not be in Redis
+    loop.catalog.actions[0].derived.pop("written_at")
+    assert batch(1000.0 + day / 2 + 62) == ["i0"]
 
 
 def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
@@ -214,6 +283,10 @@ def test_disown_forgets_the_partitions_open_decisions() -> None:
 
 
 # --------------------------------------------------------------- checkpoint
+
+
+async def deadletters_ignored(records: list[tuple[bytes | None, bytes]]) -> None:
+    pass
 
 
 class RecordingStore:

@@ -108,15 +108,40 @@ def test_open_decisions_survive_a_round_trip_through_json() -> None:
     assert closed.clicks == 2 and restored.record(closed).reward == 1.0
 
 
-def test_json_of_decisions_is_the_dataclass_fields_in_order() -> None:
+def test_a_stored_decision_names_its_candidates_by_item_version() -> None:
+    """decision:{id} holds (item id, version) pairs, not features; resolving them gives the
+    decision back; an unknown version makes it unknown; the old form still reads."""
+    from dataclasses import asdict
+
+    import orjson
+
+    from loopwise.learners.policy import item_version
+
+    d = decision()
+    stored = orjson.loads(d.to_json())
+    assert stored["actions"] == [a["id"] for a in d.actions]
+    assert stored["versions"] == [item_version(a["features"]) for a in d.actions]
+    assert Decision.references(stored) == list(
+        zip(stored["actions"], stored["versions"], strict=True)
+    )
+    by_ref = {(a["id"], item_version(a["features"])): a for a in d.actions}
+    again = Decision.from_stored(stored, lambda i, v: by_ref.get((i, v)))
+    assert again is not None and again.actions == d.actions and again.pmf == d.pmf
+    assert Decision.from_stored(stored, lambda i, v: None) is None
+    old_form = asdict(d)  # stored before decisions held references: features inline
+    assert (
+        Decision.references(old_form) == []
+        and Decision.from_stored(old_form, lambda i, v: None) == d
+    )
+
+
+def test_json_of_open_decisions_is_the_dataclass_fields_in_order() -> None:
     """to_json (orjson's native dataclass support) writes exactly what asdict() holds."""
     from dataclasses import asdict
 
     import orjson
 
     d = decision()
-    assert d.to_json() == orjson.dumps(asdict(d))
-    assert Decision.from_json(d.to_json()) == d
     opened = OpenDecision(d, shown_at=5, opened_wall_ms=6, context={"device": "web"}, clicks=2)
     assert opened.to_json() == orjson.dumps(asdict(opened))
     assert OpenDecision.from_json(opened.to_json()) == opened
