@@ -87,6 +87,13 @@ class Settings(BaseSettings):
     max_event_bytes: int = Field(
         65_536, ge=256, le=10_485_760, description="larger events are dead-lettered unread"
     )
+    max_log_record_bytes: int = Field(
+        900_000,
+        ge=10_000,
+        le=100_000_000,
+        description="a larger propensity-log record is dead-lettered (log_record_too_large) "
+        "instead of logged: keep it under the broker's message.max.bytes (1 MiB by default)",
+    )
     max_future_skew_ms: int = Field(
         300_000,
         ge=0,

@@ -31,7 +31,8 @@ from loopwise.config import Settings
 from loopwise.learners.policy import Action
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.decisions import DecisionMaker, nba_json
-from loopwise.streams.decoding import Event
+from loopwise.streams.deadletter import Source, deadletter_record
+from loopwise.streams.decoding import Event, Rejection
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin
 from loopwise.streams.user_state import UserState
@@ -195,6 +196,23 @@ class LearningLoop:
             a for a in actions if a.derived.get("written_at", float("-inf")) <= due
         ]
 
+    def _too_large(self, plan: BatchPlan, open_decision: OpenDecision, record: bytes) -> None:
+        """A record the broker would refuse would block its outbox for good: it goes to the
+        dead-letter topic instead (``source``: the log partition it was for, offset -1)."""
+        decision = open_decision.decision
+        limit = self.settings.max_log_record_bytes
+        detail = (
+            f"log record of decision {decision.decision_id} (user {decision.user_id}) is "
+            f"{len(record):,} bytes > max_log_record_bytes={limit:,}: not logged"
+        )
+        log.error("%s; dead-lettered (its candidates' features are too large)", detail)
+        source = Source(self.settings.propensity_log_topic, open_decision.partition, -1)
+        rejection = Rejection("log_record_too_large", "actions", detail)
+        plan.deadletters.append(
+            (decision.user_id.encode(), deadletter_record(rejection, source, record))
+        )
+        plan.counters["log_records_too_large"] += 1
+
     def _remember(self, user_id: str, decision_id: str) -> str | None:
         latest = self._latest
         previous = latest.pop(user_id, None)
@@ -222,6 +240,9 @@ class LearningLoop:
             plan.join_removed.setdefault(open_decision.partition, []).append(decision_id)
             plan.decisions_removed.append(decision_id)
             record = self.join.record(open_decision).to_json()
+            if len(record) > self.settings.max_log_record_bytes:
+                self._too_large(plan, open_decision, record)
+                continue
             plan.outbox.setdefault(open_decision.partition, []).append(record)
         plan.join_dropped.extend(changes.dropped)
         plan.decisions_removed.extend(changes.dropped)

@@ -252,6 +252,26 @@ def test_item_versions_are_written_when_new_and_renewed_once_old() -> None:
     assert batch(1000.0 + day / 2 + 62) == ["i0"]
 
 
+def test_a_log_record_too_large_for_the_broker_is_dead_lettered_not_outboxed() -> None:
+    big = {"text": "x" * 6000}
+    loop = loop_with(catalog_of(("i0", big), ("i1", big)))
+    loop.settings = loop.settings.model_copy(update={"max_log_record_bytes": 10_000})
+    opened = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=2)
+    opened.decision.actions = [{"id": "i0", "features": big}, {"id": "i1", "features": big}]
+    small = OpenDecision(stored_decision("d2", "u2", "i1"), 100, 0, {}, partition=2)
+    loop.plan(BatchPlan(), [], {}, Inputs(joins={2: [opened, small]}), now_ms=0)
+    plan = BatchPlan()
+    loop.plan_tick(plan, now_ms=WINDOW + 1)
+    assert [orjson.loads(r)["decision_id"] for r in plan.outbox[2]] == ["d2"]
+    [(key, raw)] = plan.deadletters
+    letter = orjson.loads(raw)
+    assert key == b"u1" and letter["reason"] == "log_record_too_large"
+    assert letter["source"]["offset"] == -1 and letter["original_size"] > 10_000
+    assert "d1" in letter["detail"] and "max_log_record_bytes=10,000" in letter["detail"]
+    assert plan.counters["log_records_too_large"] == 1 and plan.counters["decisions_closed"] == 2
+    assert "d1" in plan.join_removed[2] and "d1" in plan.decisions_removed  # not stuck either
+
+
 def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
     loop = loop_with(catalog_of(("i1", {})))
     opened = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=2)
