@@ -30,8 +30,8 @@ import orjson
 from loopwise.config import Settings
 from loopwise.learners.policy import Action
 from loopwise.streams.catalog import Catalog
-from loopwise.streams.decisions import DecisionMaker, nba_json
 from loopwise.streams.deadletter import Source, deadletter_record
+from loopwise.streams.decisions import DecisionMaker, nba_json
 from loopwise.streams.decoding import Event, Rejection
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.reward_join import Decision, JoinChanges, OpenDecision, RewardJoin
