@@ -14,8 +14,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import orjson
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+SECRETS = frozenset({"redis_password", "sasl_password", "snapshot_key"})  # never printed
 
 
 class ConfigError(ValueError):
@@ -39,11 +41,12 @@ class TomlFileSource(PydanticBaseSettingsSource):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         data = raw.get("loopwise", raw)
-        secrets = {"redis_password", "sasl_password"} & set(data)
+        secrets = {"redis_password", "sasl_password", "snapshot_key"} & set(data)
         if secrets:
             raise ConfigError(
                 f"config file {path} sets {', '.join(sorted(secrets))}: secrets are read only from "
-                "the environment (LOOPWISE_REDIS_PASSWORD, LOOPWISE_SASL_PASSWORD)"
+                "the environment (LOOPWISE_REDIS_PASSWORD, LOOPWISE_SASL_PASSWORD, "
+                "LOOPWISE_SNAPSHOT_KEY)"
             )
         self._data = data
 
@@ -139,7 +142,14 @@ class Settings(BaseSettings):
         "popularity", description="the non-personalized arm, also for no-consent users"
     )
     vw_args: str | None = Field(
-        None, description="Vowpal Wabbit arguments (default: measured squarecb)"
+        None,
+        description="Vowpal Wabbit arguments (default: measured squarecb); learning options "
+        "only (nothing that reads or writes files)",
+    )
+    snapshot_key: SecretStr | None = Field(
+        None,
+        description="HMAC-SHA256 key signing model snapshots; when set, unsigned or "
+        "badly signed snapshots are refused (environment only: LOOPWISE_SNAPSHOT_KEY)",
     )
     pmf_floor: float = Field(0.001, ge=0, lt=1, description="least probability of every candidate")
     max_candidates: int = Field(100, ge=2, le=10_000, description="candidates per decision")
@@ -160,6 +170,15 @@ class Settings(BaseSettings):
         "4.1.1", description="Apache Kafka broker release fetched from Maven Central"
     )
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
+
+    @field_validator("vw_args")
+    @classmethod
+    def _vw_args_learn_only(cls, value: str | None) -> str | None:
+        from loopwise.learners.vw_options import check_vw_args
+
+        if value is not None:
+            check_vw_args(value)
+        return value
 
     @field_validator("arms")
     @classmethod
@@ -229,9 +248,20 @@ class Settings(BaseSettings):
         """These settings as ``LOOPWISE_*`` variables, to hand to a child process."""
         env = {}
         for name, value in self.model_dump(exclude_none=True).items():
-            text = orjson.dumps(value).decode() if isinstance(value, dict) else str(value)
+            if isinstance(value, SecretStr):
+                text = value.get_secret_value()
+            elif isinstance(value, dict):
+                text = orjson.dumps(value).decode()
+            else:
+                text = str(value)
             env["LOOPWISE_" + name.upper()] = text
         return env
+
+    @property
+    def snapshot_key_bytes(self) -> bytes | None:
+        """The snapshot signing key as bytes (None: snapshots are neither signed nor checked)."""
+        key = self.snapshot_key
+        return None if key is None else key.get_secret_value().encode()
 
     @property
     def kafka_port(self) -> int:
@@ -256,7 +286,8 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
             name = ".".join(str(p) for p in err["loc"]) or "?"
             env = "LOOPWISE_" + str(err["loc"][0]).upper() if err["loc"] else ""
             allowed = _allowed(err)
-            lines.append(f"setting '{name}' ({env}) = {err.get('input')!r}: {err['msg']}{allowed}")
+            shown = "<hidden>" if name in SECRETS else repr(err.get("input"))
+            lines.append(f"setting '{name}' ({env}) = {shown}: {err['msg']}{allowed}")
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(lines)) from None
 
 

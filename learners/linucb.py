@@ -24,17 +24,25 @@ sqrt(x' x / prior_precision)``: optimistic, so it gets tried).
 from __future__ import annotations
 
 import math
-import pickle
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Final
 
 import numpy as np
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
 from river import linear_model
 
 from loopwise.learners.features import FeatureHasher, shared_features
 from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.snapshot import SnapshotError
 
 __all__ = ["LinUCBPolicy"]
+
+MAX_DIM: Final = 4096
+# The state of river's BayesianLinearRegression (river 0.26): feature index, precision
+# matrix, covariance, natural mean, capacity, count. A snapshot stores it as data.
+_ARRAYS: Final = ("ss", "ss_inv", "eta")
+_RIVER_ATTRS: Final = ("_idx", "_ss_arr", "_ss_inv_arr", "_eta_arr", "_cap", "_n", "_m_dirty")
 
 
 class LinUCBPolicy:
@@ -129,8 +137,20 @@ class LinUCBPolicy:
         model.learn_one(self._context(shared), float(reward))
         self._version += 1
 
+    class Params(BaseModel):
+        """The constructor arguments a snapshot may carry (learners/snapshot.py)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        alpha: float = Field(0.3, ge=0)
+        epsilon: float = Field(0.05, ge=0, le=1)
+        dim: int = Field(63, ge=1, le=MAX_DIM)
+        prior_precision: float = Field(1.0, gt=0)
+        noise_precision: float = Field(1.0, gt=0)
+
     def snapshot(self) -> bytes:
-        """Header + the pickled river models (restore only snapshots you wrote)."""
+        """Header + each arm's river state as data: a JSON line (arm ids, feature keys,
+        sizes) and the float64 arrays (precision, covariance, natural mean), little-endian."""
         params = {
             "alpha": self.alpha,
             "epsilon": self.epsilon,
@@ -138,13 +158,42 @@ class LinUCBPolicy:
             "prior_precision": self.prior_precision,
             "noise_precision": self.noise_precision,
         }
-        payload = pickle.dumps(self._models, protocol=pickle.HIGHEST_PROTOCOL)
+        arms, arrays = [], []
+        for action_id, model in self._models.items():
+            state = _river_state(model)
+            arms.append(
+                {"id": action_id, "keys": state["keys"], "cap": state["cap"], "n": state["n"]}
+            )
+            for name in _ARRAYS:
+                arrays.append(np.ascontiguousarray(state[name], dtype="<f8").tobytes())
+        payload = orjson.dumps({"arms": arms}) + b"\n" + b"".join(arrays)
         return pack_snapshot(self.name, params, self._version, payload)
 
     @classmethod
     def _from_snapshot(cls, header: Mapping[str, Any], payload: bytes) -> LinUCBPolicy:
         policy = cls(**header["params"])
-        policy._models = pickle.loads(payload)  # our own snapshot format (see policy.py)
+        end = payload.find(b"\n")
+        if end < 0:
+            raise SnapshotError("linucb snapshot payload lacks its JSON line")
+        index = _Index.model_validate_json(payload[:end])
+        data = memoryview(payload)[end + 1 :]
+        needed = sum(8 * (2 * arm.cap * arm.cap + arm.cap) for arm in index.arms)
+        if len(data) != needed:
+            raise SnapshotError(f"linucb snapshot holds {len(data)} array bytes, expected {needed}")
+        offset = 0
+        for arm in index.arms:
+            if len(arm.keys) > arm.cap or len(set(map(repr, arm.keys))) != len(arm.keys):
+                raise SnapshotError(f"linucb arm {arm.id!r}: bad feature keys for size {arm.cap}")
+            shapes = {"ss": (arm.cap, arm.cap), "ss_inv": (arm.cap, arm.cap), "eta": (arm.cap,)}
+            state: dict[str, Any] = {"keys": arm.keys, "cap": arm.cap, "n": arm.n}
+            for name in _ARRAYS:
+                count = int(np.prod(shapes[name]))
+                values = np.frombuffer(data, dtype="<f8", count=count, offset=offset)
+                state[name] = values.astype(np.float64).reshape(shapes[name])
+                offset += 8 * count
+            policy._models[arm.id] = _river_model(
+                state, policy.prior_precision, policy.noise_precision
+            )
         policy._version = int(header["version"])
         return policy
 
@@ -153,3 +202,59 @@ class LinUCBPolicy:
         x: dict[Any, float] = dict(self._hasher.sparse(user, context))
         x["bias"] = 1.0
         return x
+
+
+class _Arm(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str
+    keys: list[int | str]
+    cap: int = Field(ge=0, le=MAX_DIM + 1)
+    n: int
+
+
+class _Index(BaseModel):
+    """The JSON line of a linucb snapshot's payload."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    arms: list[_Arm]
+
+
+def _check_river(model: linear_model.BayesianLinearRegression) -> None:
+    missing = [a for a in _RIVER_ATTRS if not hasattr(model, a)]
+    if missing:
+        raise SnapshotError(
+            f"this river version's BayesianLinearRegression lacks {missing}: linucb snapshots "
+            "need river 0.26's state layout"
+        )
+
+
+def _river_state(model: linear_model.BayesianLinearRegression) -> dict[str, Any]:
+    """The model's state as plain data (keys in index order, arrays, sizes)."""
+    _check_river(model)
+    keys = sorted(model._idx, key=model._idx.__getitem__)
+    return {
+        "keys": keys,
+        "cap": int(model._cap),
+        "n": int(model._n),
+        "ss": model._ss_arr,
+        "ss_inv": model._ss_inv_arr,
+        "eta": model._eta_arr,
+    }
+
+
+def _river_model(
+    state: Mapping[str, Any], prior_precision: float, noise_precision: float
+) -> linear_model.BayesianLinearRegression:
+    """A river model holding ``state`` (as :func:`_river_state` gave it)."""
+    model = linear_model.BayesianLinearRegression(alpha=prior_precision, beta=noise_precision)
+    _check_river(model)
+    model._idx = {key: i for i, key in enumerate(state["keys"])}
+    model._cap = int(state["cap"])
+    model._n = int(state["n"])
+    model._ss_arr = np.array(state["ss"], dtype=np.float64)
+    model._ss_inv_arr = np.asfortranarray(state["ss_inv"], dtype=np.float64)
+    model._eta_arr = np.array(state["eta"], dtype=np.float64)
+    model._m_dirty = True  # the mean is recomputed from the natural parameters
+    return model

@@ -8,31 +8,30 @@ them (River/OBP style: the same few calls everywhere)::
     chosen = sample(pmf, rng)                         # index into actions
     ...                                               # show, wait for the reward
     policy.learn(shared, actions, chosen, pmf[chosen], reward)
-    blob = policy.snapshot()                          # bytes naming their own class
-    same = restore(blob)                              # identical pmfs
+    blob = policy.snapshot()                          # data only (learners/snapshot.py)
+    same = restore(blob, kind=policy.name)            # identical pmfs
 
 ``shared`` is ``{"user": {...}, "context": {...}}`` (user-state features and the
 request context; values are str/number/bool), ``actions`` the candidate items
 with their catalog features. Rewards are >= 0, higher is better.
 
-A snapshot is ``MAGIC + header + b"\\n" + payload``: the header is one JSON line
-``{"policy": kind, "params": {...constructor arguments...}, "version": n}``, so
-:func:`restore` rebuilds the right class with the right arguments; the payload
-is the class's own model state. Only restore snapshots you wrote: the river
-based policies pickle their models.
+A snapshot is data (:mod:`loopwise.learners.snapshot`: a JSON header with the
+constructor arguments, validated against the class's ``Params`` schema, and the
+model's own data; never pickle), optionally signed with an HMAC.
 """
 
 from __future__ import annotations
 
 import hashlib
-import importlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+
+from loopwise.learners.snapshot import SnapshotError, pack_snapshot, restore, unpack_snapshot
 
 __all__ = [
     "Action",
@@ -50,15 +49,6 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 Scalar = str | int | float | bool
-
-MAGIC: Final = b"LOOPWISE-POLICY/1\n"
-
-# kind -> (module, class); the class must define `_from_snapshot(header, payload)`.
-_REGISTRY: Final[dict[str, tuple[str, str]]] = {
-    "vw": ("loopwise.learners.vw_policy", "VWPolicy"),
-    "linucb": ("loopwise.learners.linucb", "LinUCBPolicy"),
-    "popularity": ("loopwise.learners.popularity", "PopularityPolicy"),
-}
 
 
 @dataclass(frozen=True, slots=True, eq=False)
@@ -181,44 +171,6 @@ class Policy(Protocol):
     def snapshot(self) -> bytes:
         """The policy's full state as bytes; :func:`restore` gives back an equal policy."""
         ...
-
-
-class SnapshotError(ValueError):
-    """A blob is not a policy snapshot, or names an unknown policy."""
-
-
-def pack_snapshot(kind: str, params: Mapping[str, Any], version: int, payload: bytes) -> bytes:
-    """``MAGIC + {"policy", "params", "version"} JSON line + payload``."""
-    header = orjson.dumps({"policy": kind, "params": dict(params), "version": int(version)})
-    return MAGIC + header + b"\n" + payload
-
-
-def unpack_snapshot(blob: bytes) -> tuple[dict[str, Any], bytes]:
-    """Split a snapshot into its header dict and payload (raises :class:`SnapshotError`)."""
-    if not blob.startswith(MAGIC):
-        raise SnapshotError("not a Loopwise policy snapshot (bad magic header)")
-    end = blob.find(b"\n", len(MAGIC))
-    if end < 0:
-        raise SnapshotError("truncated policy snapshot: no header line")
-    try:
-        header = orjson.loads(blob[len(MAGIC) : end])
-    except orjson.JSONDecodeError as exc:
-        raise SnapshotError(f"policy snapshot header is not JSON: {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("policy"), str):
-        raise SnapshotError("policy snapshot header lacks the 'policy' name")
-    return header, blob[end + 1 :]
-
-
-def restore(blob: bytes) -> Policy:
-    """Rebuild the policy saved by ``snapshot()``: the header names its class and arguments."""
-    header, payload = unpack_snapshot(blob)
-    kind = header["policy"]
-    if kind not in _REGISTRY:
-        raise SnapshotError(f"unknown policy {kind!r} in snapshot; known: {sorted(_REGISTRY)}")
-    module, cls_name = _REGISTRY[kind]
-    cls = getattr(importlib.import_module(module), cls_name)
-    policy: Policy = cls._from_snapshot(header, payload)
-    return policy
 
 
 def apply_floor(pmf: npt.ArrayLike, floor: float) -> FloatArray:

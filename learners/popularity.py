@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 import orjson
+from pydantic import BaseModel, ConfigDict, Field
 
 from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
 
@@ -267,16 +268,37 @@ class PopularityPolicy:
         }
         return pack_snapshot(self.name, params, self._version, orjson.dumps(state))
 
+    class Params(BaseModel):
+        """The constructor arguments a snapshot may carry (learners/snapshot.py)."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        epsilon: float = Field(0.1, ge=0, le=1)
+        top_k: int = Field(1, ge=1)
+        half_life: float = Field(20_000.0, gt=0)
+        prior_strength: float = Field(10.0, ge=0)
+
     @classmethod
     def _from_snapshot(cls, header: Mapping[str, Any], payload: bytes) -> PopularityPolicy:
         policy = cls(**header["params"])
-        state = orjson.loads(payload)
+        state = _State.model_validate_json(payload)
         half_life = policy.half_life
         policy._impressions = ItemPopularity.from_scores(
-            state["impressions"], half_life, total=state["total_impressions"]
+            state.impressions, half_life, total=state.total_impressions
         )
         policy._rewards = ItemPopularity.from_scores(
-            state["rewards"], half_life, total=state["total_rewards"]
+            state.rewards, half_life, total=state.total_rewards
         )
         policy._version = int(header["version"])
         return policy
+
+
+class _State(BaseModel):
+    """A popularity snapshot's payload (JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    impressions: dict[str, float]
+    rewards: dict[str, float]
+    total_impressions: float | None = None
+    total_rewards: float | None = None

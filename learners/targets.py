@@ -327,12 +327,12 @@ class _PolicyTarget(_Target):
 class SnapshotTarget(_PolicyTarget):
     """A saved policy snapshot (file bytes from ``policy.snapshot()``), frozen."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, key: bytes | None = None) -> None:
         file = Path(path)
         if not file.is_file():
             raise TargetError(f"snapshot file {str(file)!r} does not exist")
-        try:
-            policy = restore(file.read_bytes())
+        try:  # data only; with a key, it must be signed with it (learners/snapshot.py)
+            policy = restore(file.read_bytes(), key=key)
         except SnapshotError as exc:
             raise TargetError(f"snapshot file {str(file)!r}: {exc}") from None
         super().__init__(f"snapshot:{path}", policy, progressive=False)
@@ -379,9 +379,10 @@ def _parse_params(text: str) -> dict[str, Any]:
     return params
 
 
-def make_target(spec: str, *, seed: int = 0) -> TargetPolicy:
-    """The target named ``spec``: ``uniform``, ``logged``, ``pmf:FILE``, ``snapshot:FILE``,
-    ``vw:ARGS``, ``linucb`` or ``linucb:name=value,...`` (:class:`TargetError` otherwise)."""
+def make_target(spec: str, *, seed: int = 0, snapshot_key: bytes | None = None) -> TargetPolicy:
+    """The target named ``spec``: ``uniform``, ``logged``, ``pmf:FILE``, ``snapshot:FILE``
+    (verified with ``snapshot_key``), ``vw:ARGS``, ``linucb`` or ``linucb:name=value,...``
+    (:class:`TargetError` otherwise)."""
     kind, _, rest = spec.partition(":")
     if spec == "uniform":
         return UniformTarget()
@@ -390,7 +391,7 @@ def make_target(spec: str, *, seed: int = 0) -> TargetPolicy:
     if kind == "pmf" and rest:
         return PmfFileTarget(rest)
     if kind == "snapshot" and rest:
-        return SnapshotTarget(rest)
+        return SnapshotTarget(rest, snapshot_key)
     if kind == "vw" and rest:
         return VWTarget(rest, seed=seed)
     if kind == "linucb":

@@ -51,9 +51,10 @@ import math
 import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from vowpalwabbit import Workspace, pyvw
 
 from loopwise.learners.features import vw_adf_lines
@@ -64,8 +65,19 @@ from loopwise.learners.policy import (
     check_learn_args,
     pack_snapshot,
 )
+from loopwise.learners.snapshot import SnapshotError
+from loopwise.learners.vw_options import ALLOWED_OPTIONS, check_vw_args, model_options
 
-__all__ = ["DEFAULT_ARGS", "DEFAULT_EXPLORATION", "EXPLORATIONS", "VWPolicy", "vw_args"]
+__all__ = [
+    "ALLOWED_OPTIONS",
+    "DEFAULT_ARGS",
+    "DEFAULT_EXPLORATION",
+    "EXPLORATIONS",
+    "VWPolicy",
+    "check_vw_args",
+    "model_options",
+    "vw_args",
+]
 
 _NATIVE: Final = pyvw.pylibvw.vw
 _HAS_NATIVE: Final = all(
@@ -175,7 +187,8 @@ class VWPolicy:
         base = args if args is not None else vw_args(exploration, **options)
         if "--quiet" not in base.split():
             base += " --quiet"
-        self.args = f"{base} --random_seed {seed}"
+        self.args = f"{base} --random_seed {int(seed)}"
+        check_vw_args(self.args)  # before VW sees them: nothing may touch a file
         self._raw_args = args
         self._vw = Workspace(self.args)
         self._version = 0
@@ -266,8 +279,36 @@ class VWPolicy:
         }
         return pack_snapshot(self.name, params, self._version, payload)
 
+    class Params(BaseModel):
+        """The constructor arguments a snapshot may carry (learners/snapshot.py); the VW
+        command line they make is checked against ALLOWED_OPTIONS by the constructor."""
+
+        model_config = ConfigDict(extra="forbid")
+
+        exploration: Literal["squarecb", "epsilon", "softmax", "bag", "custom"] = "squarecb"
+        args: str | None = None
+        seed: int = 0
+        reward_scale: float = Field(1.0, gt=0)
+        bits: int = Field(18, ge=1, le=30)
+        interactions: list[Annotated[str, StringConstraints(pattern=r"^[A-Za-z]{2,3}$")]] = [
+            "UA",
+            "CA",
+        ]
+        learning_rate: float | None = None
+        gamma_scale: float = 50.0
+        gamma_exponent: float = 0.5
+        epsilon: float = Field(0.05, ge=0, le=1)
+        softmax_lambda: float = 10.0
+        bag: int = Field(5, ge=1, le=100)
+        cb_type: Literal["ips", "dm", "dr", "mtr", "sm"] | None = None
+        extra: str = ""
+
     @classmethod
     def _from_snapshot(cls, header: Mapping[str, Any], payload: bytes) -> VWPolicy:
+        try:
+            check_vw_args(model_options(payload), "VW model in the snapshot")
+        except ValueError as exc:
+            raise SnapshotError(str(exc)) from None
         params = dict(header["params"])
         exploration = params.pop("exploration")
         args = params.pop("args")

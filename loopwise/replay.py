@@ -504,7 +504,8 @@ def replay_details(
             "an exported file holds the range it was exported with"
         )
     try:
-        target_objects = [make_target(spec, seed=seed) for spec in targets]
+        key = _snapshot_key(settings)
+        target_objects = [make_target(spec, seed=seed, snapshot_key=key) for spec in targets]
     except TargetError as exc:
         raise ReplayError(str(exc)) from None
     need_model = bool(NEEDS_REWARD_MODEL & set(estimator_objects))
@@ -774,3 +775,12 @@ def print_table(result: Mapping[str, Any], console: Console | None = None) -> No
     if result["excluded"]:
         skipped = ", ".join(f"{k}={v:,}" for k, v in result["excluded"].items())
         out.print(f"[yellow]excluded records:[/yellow] {skipped}")
+
+
+def _snapshot_key(settings: Any) -> bytes | None:
+    """``LOOPWISE_SNAPSHOT_KEY``, from the settings or, without them, the environment."""
+    if settings is not None:
+        key: bytes | None = settings.snapshot_key_bytes
+        return key
+    raw = os.environ.get("LOOPWISE_SNAPSHOT_KEY")
+    return raw.encode() if raw else None

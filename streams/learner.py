@@ -34,6 +34,7 @@ from loopwise.learners.log_record import LogRecord, LogRecordError
 from loopwise.learners.policy import Policy, restore
 from loopwise.learners.popularity import ItemPopularity
 from loopwise.learners.river_models import RewardMonitor
+from loopwise.learners.snapshot import SnapshotError, sign_snapshot
 from loopwise.streams.decisions import POPULARITY_HALF_LIFE
 
 log = logging.getLogger("loopwise.learner")
@@ -104,7 +105,16 @@ class Learner:
         fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
         for arm in list(self.policies):
             if arm in fields:
-                self.policies[arm] = restore(bytes(fields[arm]))
+                try:  # the class is the configured arm's; the file only brings data
+                    self.policies[arm] = restore(
+                        bytes(fields[arm]), kind=arm, key=self.settings.snapshot_key_bytes
+                    )
+                except SnapshotError as exc:
+                    raise SnapshotError(
+                        f"the model snapshot of arm {arm!r} in Redis ({self.key}) is refused: "
+                        f"{exc}. Nothing was loaded. Delete that key to retrain from the log "
+                        f"(redis-cli DEL {self.key}), or fix LOOPWISE_SNAPSHOT_KEY"
+                    ) from None
         self.offsets = {int(p): int(o) for p, o in orjson.loads(fields["offsets"]).items()}
         invalid = orjson.loads(fields.get("invalid_records") or b"{}")
         self.invalid_reasons = Counter({str(k): int(v) for k, v in invalid.items()})
@@ -185,7 +195,10 @@ class Learner:
 
     async def snapshot(self) -> None:
         """Save every policy and the offsets they include, in one transaction."""
-        mapping: dict[str, Any] = {arm: p.snapshot() for arm, p in self.policies.items()}
+        key = self.settings.snapshot_key_bytes
+        mapping: dict[str, Any] = {
+            arm: sign_snapshot(p.snapshot(), key) for arm, p in self.policies.items()
+        }
         mapping["offsets"] = orjson.dumps({str(p): o for p, o in self.offsets.items()})
         mapping["saved_at_ms"] = int(time.time() * 1000)
         mapping["reward_monitor"] = orjson.dumps(self.monitor_summary())
