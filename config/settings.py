@@ -8,6 +8,7 @@ from the environment only, never from the file.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
 from pathlib import Path
@@ -48,6 +49,7 @@ class TomlFileSource(PydanticBaseSettingsSource):
                 "the environment (LOOPWISE_REDIS_PASSWORD, LOOPWISE_SASL_PASSWORD, "
                 "LOOPWISE_SNAPSHOT_KEY)"
             )
+        _refuse_unknown(data, f"config file {path}", lambda name: name)
         self._data = data
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
@@ -274,10 +276,39 @@ class Settings(BaseSettings):
         return urlparse(self.redis_url).port or 6379
 
 
+# LOOPWISE_* variables that are not settings: the config file's path.
+NOT_SETTINGS = frozenset({"LOOPWISE_CONFIG"})
+
+
+def _refuse_unknown(names: Any, where: str, spell: Any) -> None:
+    """A ``ConfigError`` naming the first of ``names`` that is no setting, and the nearest one
+    (``spell`` writes a setting's name as ``where`` does)."""
+    known = sorted(Settings.model_fields)
+    for name in names:
+        if name in Settings.model_fields:
+            continue
+        nearest = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = (
+            f"did you mean {spell(nearest[0])}?"
+            if nearest
+            else f"settings: {', '.join(spell(k) for k in known)}"
+        )
+        raise ConfigError(f"{where}: {spell(name)} is not a Loopwise setting; {hint}")
+
+
 def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
-    """Build the settings, turning pydantic's errors into one ``ConfigError`` a user can act on."""
+    """Build the settings, turning pydantic's errors into one ``ConfigError`` a user can act on.
+
+    An unknown ``LOOPWISE_*`` variable or config-file key is an error naming it and the
+    nearest setting (a typo must not silently leave a default in place)."""
     if config_file is not None:
         os.environ["LOOPWISE_CONFIG"] = str(config_file)
+    env_names = [
+        var[len("LOOPWISE_") :].lower()
+        for var in os.environ
+        if var.upper().startswith("LOOPWISE_") and var.upper() not in NOT_SETTINGS
+    ]
+    _refuse_unknown(env_names, "environment", lambda name: "LOOPWISE_" + name.upper())
     try:
         return Settings(**overrides)
     except ValidationError as exc:

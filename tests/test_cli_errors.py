@@ -73,6 +73,38 @@ def test_an_invalid_setting_is_one_line_naming_the_setting_and_its_variable() ->
     assert "setting 'batch_size' (LOOPWISE_BATCH_SIZE) = 'abc'" in line
 
 
+def test_an_unknown_variable_is_an_error_naming_it_and_the_nearest_setting() -> None:
+    result = run("stats", env={"LOOPWISE_BATCHSIZE": "10"})
+    assert result.exit_code == 2
+    [line] = lines(result.stderr)
+    assert "LOOPWISE_BATCHSIZE is not a Loopwise setting; did you mean LOOPWISE_BATCH_SIZE?" in line
+
+
+def test_an_unknown_config_key_is_an_error_naming_it_and_the_nearest_setting(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "loopwise.toml"
+    config.write_text('[loopwise]\nredis_ur = "redis://x"\n')
+    result = run("--config", str(config), "stats")
+    assert result.exit_code == 2
+    [line] = lines(result.stderr)
+    assert f"config file {config}: redis_ur is not a Loopwise setting" in line
+    assert "did you mean redis_url?" in line
+
+
+def test_secrets_are_never_printed() -> None:
+    secret = "hunter2-do-not-print"
+    for env in (
+        {"LOOPWISE_SNAPSHOT_KEY": secret, "LOOPWISE_BATCH_SIZE": "abc"},
+        {"LOOPWISE_REDIS_PASSWORD": secret, "LOOPWISE_BATCH_SIZE": "abc"},
+        {"LOOPWISE_SNAPSHOT_KEY": secret},
+    ):
+        result = run("stats", env=env)
+        assert result.exit_code == 2
+        assert secret not in result.output + result.stderr
+    assert secret not in run("worker", "--help", env={"LOOPWISE_SNAPSHOT_KEY": secret}).output
+
+
 def test_a_setting_that_is_not_json_names_the_setting() -> None:
     result = run("stats", env={"LOOPWISE_ARMS": "vw=1"})
     assert result.exit_code == 2
