@@ -17,7 +17,7 @@ with their catalog features. Rewards are >= 0, higher is better.
 
 A snapshot is data (:mod:`loopwise.learners.snapshot`: a JSON header with the
 constructor arguments, validated against the class's ``Params`` schema, and the
-model's own data; never pickle), optionally signed with an HMAC.
+model's own data; no serialized Python objects), optionally signed with an HMAC.
 """
 
 from __future__ import annotations

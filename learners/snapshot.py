@@ -11,7 +11,7 @@ A snapshot (format 2) is::
   (``"hmac-sha256"`` or null);
 - ``payload``: exactly ``payload_bytes`` bytes of the policy's own model data:
   JSON (popularity), Vowpal Wabbit's binary model (vw), or a JSON line plus
-  little-endian float64 arrays (linucb); never pickle;
+  little-endian float64 arrays (linucb); never serialized Python objects;
 - ``signature`` (when the header says ``hmac-sha256``): 64 hex digits, the
   HMAC-SHA256 of everything before it, keyed with ``LOOPWISE_SNAPSHOT_KEY``.
 
@@ -23,7 +23,8 @@ comes from the configured arm, never from the file); parameters outside their
 schema (VW arguments, in the header or inside VW's model, outside
 :data:`loopwise.learners.vw_policy.ALLOWED_OPTIONS`). Format 1
 (``LOOPWISE-POLICY/1``, written before) still loads for ``vw`` and ``popularity``
-(data only, unsigned); format 1 ``linucb`` snapshots held a pickle and are refused.
+(data only, unsigned); format 1 ``linucb`` snapshots held serialized Python objects
+and are refused.
 """
 
 from __future__ import annotations
@@ -199,8 +200,8 @@ def _unpack_v1(blob: bytes, key: bytes | None, verify: bool) -> tuple[dict[str, 
         raise SnapshotError("policy snapshot header lacks a known 'policy' name")
     if raw["policy"] == "linucb":
         raise SnapshotError(
-            "format 1 linucb snapshot refused: it holds a pickle, which Loopwise no longer "
-            "loads; retrain (delete the model) or save it again with this version"
+            "format 1 linucb snapshot refused: it holds serialized Python objects, which "
+            "Loopwise no longer loads; retrain (delete the model) or save it again"
         )
     if verify and key is not None:
         raise SnapshotError(

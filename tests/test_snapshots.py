@@ -70,7 +70,7 @@ def test_a_pickle_payload_runs_nothing(tmp_path: Path) -> None:
     marker = tmp_path / "pwned"
     payload = pickle.dumps(WritesAFile(marker))
     old_header = orjson.dumps({"policy": "linucb", "params": {}, "version": 1})
-    with pytest.raises(SnapshotError, match="holds a pickle"):
+    with pytest.raises(SnapshotError, match="holds serialized Python objects"):
         restore(MAGIC_V1 + old_header + b"\n" + payload)  # the format that used to unpickle
     with pytest.raises(SnapshotError):
         restore(pack_snapshot("linucb", {}, 1, payload), kind="linucb")  # not JSON + arrays
