@@ -598,22 +598,58 @@ def bench(ctx: click.Context, name: str, args: tuple[str, ...]) -> None:
 
 @main.command()
 @click.argument("user_id")
+@click.option(
+    "--wait",
+    "wait_s",
+    type=click.FloatRange(min=0),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for the worker to apply the forget (0: do not wait).",
+)
 @click.pass_context
-def forget(ctx: click.Context, user_id: str) -> None:
-    """Erase everything stored about USER_ID (state and next-best-action)."""
-    import asyncio
+def forget(ctx: click.Context, user_id: str, wait_s: float) -> None:
+    """Erase everything Loopwise holds about USER_ID.
 
+    Publishes a `forget` event keyed like the user's events, so the worker applies it in
+    order after everything sent before: it deletes the user's state, next-best-action and
+    latest decision, drops their open decisions (never logged), and keeps a tombstone (a
+    hash of the id) so that an older event of the user, replayed or late, re-creates
+    nothing. Then the user's remaining stored decisions are deleted. What remains, and
+    why, is in the README ("Forgetting a user").
+    """
+    import asyncio
+    import time
+
+    from loopwise.producers.sdk import EventPublisher
     from loopwise.streams.redis_store import RedisStore
 
-    async def run() -> int:
-        store = RedisStore.connect(_settings(ctx))
+    settings = _settings(ctx)
+    with EventPublisher.from_settings(settings) as publisher:
+        publisher.forget(user_id)
+
+    async def run() -> tuple[bool, int]:
+        store = RedisStore.connect(settings)
         try:
-            return await store.forget(user_id)
+            deadline = time.monotonic() + wait_s
+            applied = await store.forgotten_at(user_id) is not None
+            while not applied and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+                applied = await store.forgotten_at(user_id) is not None
+            return applied, await store.erase_decisions(user_id) if applied else 0
         finally:
             await store.close()
 
-    removed = asyncio.run(run())
-    console.print(f"forgot {user_id}: {removed} keys removed")
+    applied, decisions = asyncio.run(run())
+    if applied:
+        console.print(
+            f"forgot {user_id}: state, next-best-action and open decisions erased by the "
+            f"worker; {decisions} stored decisions deleted; tombstone kept"
+        )
+    else:
+        console.print(
+            f"forget of {user_id} published to {settings.events_topic}; the worker has not "
+            f"applied it within {wait_s:g} s (is it running?): it will when it consumes it"
+        )
 
 
 @main.command()

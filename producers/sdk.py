@@ -86,6 +86,20 @@ class EventPublisher:
         event = self._event("item", None, item_id, {"features": features, "active": active})
         self.send(event)
 
+    def forget(self, user_id: str, **fields: Any) -> str:
+        """Ask the worker to erase everything it holds about ``user_id`` (docs/contracts.md):
+        keyed like the user's events, so it is applied after everything sent before it. The
+        event's id."""
+        event: dict[str, Any] = {
+            "event_id": fields.pop("event_id", None) or uuid.uuid4().hex,
+            "type": "forget",
+            "user_id": user_id,
+            "timestamp": fields.pop("timestamp", None) or int(time.time() * 1000),
+            **fields,
+        }
+        self.send(event)
+        return str(event["event_id"])
+
     @staticmethod
     def _event(
         kind: str, user_id: str | None, item_id: str, fields: dict[str, Any]

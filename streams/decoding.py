@@ -13,14 +13,14 @@ from typing import Any, Final
 
 import orjson
 
-EVENT_TYPES: Final = frozenset({"view", "click", "purchase", "item"})
+EVENT_TYPES: Final = frozenset({"view", "click", "purchase", "item", "forget"})
 
 REASONS: Final = {
     "too_large": "the message is larger than max_event_bytes; it was not parsed",
     "invalid_json": "the bytes are not UTF-8 JSON (NaN and Infinity are not JSON)",
     "wrong_type": "a field (or the whole message) has the wrong JSON type",
     "missing_field": "a required field is absent or null",
-    "unknown_type": "`type` is not one of view, click, purchase, item",
+    "unknown_type": "`type` is not one of view, click, purchase, item, forget",
     "out_of_range": "a value is outside its allowed range (empty id, negative price, …)",
     "processing_error": "valid, but processing it failed again and again (the error is in "
     "`detail`); isolated from its batch so that the stream goes on",
@@ -44,7 +44,8 @@ class Event:
 
     @property
     def consent(self) -> bool:
-        return self.raw.get("consent", True) is not False
+        """False for an event without consent, and for a ``forget`` (it erases the user)."""
+        return self.type != "forget" and self.raw.get("consent", True) is not False
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +98,8 @@ def validate(doc: dict[str, Any], max_timestamp_ms: int = MAX_TIMESTAMP_MS) -> E
     if kind not in EVENT_TYPES:
         raise _Invalid("unknown_type", "type", f"{kind[:40]!r} is not one of {sorted(EVENT_TYPES)}")
     user_id = None if kind == "item" and doc.get("user_id") is None else _id(doc, "user_id")
-    item_id = _id(doc, "item_id")
+    # A forget names a user, not an item.
+    item_id = "" if kind == "forget" and doc.get("item_id") is None else _id(doc, "item_id")
     timestamp = doc.get("timestamp")
     if timestamp is None:
         raise _Invalid("missing_field", "timestamp", "required (integer ms since epoch)")

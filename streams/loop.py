@@ -115,6 +115,10 @@ class LearningLoop:
 
         # No consent: no decision, and the old one is erased (with or without a catalog).
         plan.nba_removed.extend(u for u, state in states.items() if state is None)
+        for user_id in plan.forgotten:  # and a forgotten user's latest stored decision too
+            previous = self._latest.pop(user_id, None)
+            if previous is not None:
+                plan.decisions_removed.append(previous)
         actions = self.catalog.actions
         if not actions:
             return

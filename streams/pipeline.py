@@ -123,6 +123,27 @@ def item_features(events: Sequence[Event]) -> dict[str, dict[str, object]]:
     }
 
 
+def drop_forgotten(
+    events: list[tuple[Event, int]], tombstones: dict[str, int], plan: BatchPlan
+) -> list[tuple[Event, int]]:
+    """Step 3's first rule (pure): a forgotten user's events dated at or before their
+    ``forget`` are applied as nothing (counted ``forgotten_events``), so a replayed or late
+    old event cannot re-create them; a batch's own ``forget`` events add tombstones
+    (``plan.forgotten``)."""
+    latest = dict(tombstones)
+    kept = []
+    for event, partition in events:
+        user = event.user_id
+        if event.type == "forget" and user is not None:
+            latest[user] = max(latest.get(user, 0), event.timestamp)
+            plan.forgotten[user] = latest[user]
+        elif user is not None and event.type != "item" and event.timestamp <= latest.get(user, -1):
+            plan.counters["forgotten_events"] += 1
+            continue
+        kept.append((event, partition))
+    return kept
+
+
 def fold_users(
     events: Sequence[Event],
     states: dict[str, UserState],
@@ -140,7 +161,7 @@ def fold_users(
         state: UserState | None = states.get(user_id) or UserState()
         for event in user_events:
             if not event.consent:
-                plan.counters["no_consent"] += 1
+                plan.counters["forgets" if event.type == "forget" else "no_consent"] += 1
                 state = None  # erase what we had and store nothing of this event
                 continue
             if state is None:
@@ -255,7 +276,9 @@ class Pipeline:
         reads = Reads(
             event_ids=[e.event_id for e in events],
             users=sorted({e.user_id for e in events if e.user_id is not None and e.type != "item"}),
-            items=self.catalog.unknown(e.item_id for e in events if e.type != "item"),
+            items=self.catalog.unknown(
+                e.item_id for e in events if e.type not in ("item", "forget")
+            ),
             whole_catalog=self.catalog.refresh_due(),
         )
         with_partitions = list(zip(events, batch.partitions, strict=True))
@@ -270,11 +293,12 @@ class Pipeline:
 
         plan = BatchPlan(deadletters=batch.deadletters, counters=batch.counters)
         applied = inputs.applied
-        fresh_with_partition = [(e, p) for e, p in with_partitions if e.event_id not in applied]
+        new = [(e, p) for e, p in with_partitions if e.event_id not in applied]
+        plan.counters["duplicates"] += len(events) - len(new)
+        plan.counters["accepted"] += len(new)
+        plan.applied_ids = [e.event_id for e, _ in new]
+        fresh_with_partition = drop_forgotten(new, inputs.forgotten, plan)
         fresh = [e for e, _ in fresh_with_partition]
-        plan.counters["duplicates"] += len(events) - len(fresh)
-        plan.counters["accepted"] += len(fresh)
-        plan.applied_ids = [e.event_id for e in fresh]
 
         items = item_features(fresh)
         self.catalog.update(items)

@@ -41,6 +41,7 @@ class Inputs:
 
     applied: set[str] = field(default_factory=set)
     states: dict[str, UserState] = field(default_factory=dict)
+    forgotten: dict[str, int] = field(default_factory=dict)  # user -> event time of its forget
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored form, parsed
     # features JSON of the item versions stored decisions refer to and the catalog lacks
     item_versions: dict[tuple[str, str], bytes | None] = field(default_factory=dict)
@@ -61,6 +62,7 @@ class BatchPlan:
     replaced: set[str] = field(default_factory=set)
     catalog: dict[str, bytes] = field(default_factory=dict)  # item_id -> features JSON
     applied_ids: list[str] = field(default_factory=list)  # idempotency marks
+    forgotten: dict[str, int] = field(default_factory=dict)  # tombstones: user -> forget time
     counters: Counter[str] = field(default_factory=Counter)
     # the reward join, per events partition: open decisions written / removed
     join_set: dict[int, dict[str, bytes]] = field(default_factory=dict)
@@ -85,6 +87,7 @@ class BatchPlan:
             self.users
             or self.catalog
             or self.applied_ids
+            or self.forgotten
             or any(self.counters.values())
             or self.join_set
             or self.join_removed

@@ -14,6 +14,7 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 - ``{p}nba:{user_id}``       the next-best-action; ``nba:__default__`` too
 - ``{p}outbox:{partition}``  list of closed decisions' log records not yet on Kafka
 - ``{p}epoch``               JSON :class:`Epoch`: which life of this state Redis holds
+- ``{p}forgotten``           hash sha256(user_id)[:32] -> event time of the user's ``forget``
 
 A batch reads once (:meth:`RedisStore.read`, one round trip) and writes once
 (:meth:`RedisStore.commit`, one MULTI/EXEC): user hashes, catalog entries,
@@ -37,6 +38,7 @@ the next read stops the worker, and ``loopwise rebuild`` erases such leftovers f
 
 from __future__ import annotations
 
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
@@ -171,6 +173,8 @@ class RedisStore:
                 pipe.smismember(previous, reads.event_ids)
             for user_id in reads.users:
                 pipe.hgetall(self.user_key(user_id))
+            if reads.users:
+                pipe.hmget(self.key("forgotten"), [forgotten_field(u) for u in reads.users])
             if reads.decisions:
                 pipe.mget([self.key("decision", i) for i in reads.decisions])
             for partition in reads.join_partitions:
@@ -191,6 +195,10 @@ class RedisStore:
             }
         for user_id in reads.users:
             inputs.states[user_id] = UserState.from_hash(next(replies))
+        if reads.users:
+            inputs.forgotten = {
+                u: int(t) for u, t in zip(reads.users, next(replies), strict=True) if t is not None
+            }
         if reads.decisions:
             stored = next(replies)
             inputs.decisions = {
@@ -277,6 +285,9 @@ class RedisStore:
                 pipe.hset(key, mapping=state.to_hash())  # type: ignore[arg-type]
             if plan.catalog:
                 pipe.hset(self.key("catalog"), mapping=plan.catalog)  # type: ignore[arg-type]
+            if plan.forgotten:
+                tombstones = {forgotten_field(u): t for u, t in plan.forgotten.items()}
+                pipe.hset(self.key("forgotten"), mapping=tombstones)  # type: ignore[arg-type]
             if plan.applied_ids:
                 pipe.sadd(current, *plan.applied_ids)
                 pipe.expire(current, 2 * settings.dedupe_window_s + 60)
@@ -328,7 +339,9 @@ class RedisStore:
         starting with one of ``counter_prefixes``). The learning loop's keys stay. The number
         of keys and fields deleted."""
         client = self.client
-        deleted = int(await client.delete(self.epoch_key, self.key("catalog")))
+        deleted = int(
+            await client.delete(self.epoch_key, self.key("catalog"), self.key("forgotten"))
+        )
         for family in ("user", "seen"):
             pattern = _glob_escape(self.key(family, "")) + "*"
             async for keys in _chunks(client.scan_iter(match=pattern, count=1000), 1000):
@@ -343,12 +356,39 @@ class RedisStore:
             deleted += int(await client.hdel(stats, *fields))
         return deleted
 
-    async def forget(self, user_id: str) -> int:
-        """Erase everything stored about one user; the number of keys removed."""
-        return int(await self.client.delete(self.user_key(user_id), self.key("nba", user_id)))
+    async def forgotten_at(self, user_id: str) -> int | None:
+        """The event time of the user's applied ``forget`` (None: not forgotten)."""
+        raw = await self.client.hget(self.key("forgotten"), forgotten_field(user_id))
+        return None if raw is None else int(raw)
+
+    async def erase_decisions(self, user_id: str) -> int:
+        """Delete the user's stored decisions still in Redis (replaced ones expire within
+        ``superseded_decision_ttl_s``; this does not wait): one SCAN over ``decision:*``."""
+        pattern = _glob_escape(self.key("decision", "")) + "*"
+        deleted = 0
+        async for keys in _chunks(self.client.scan_iter(match=pattern, count=1000), 500):
+            values = await self.client.mget(keys)
+            mine = [k for k, v in zip(keys, values, strict=True) if v and _user_of(v) == user_id]
+            if mine:
+                deleted += int(await self.client.delete(*mine))
+        return deleted
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+def _user_of(stored_decision: bytes) -> str | None:
+    try:
+        user = orjson.loads(stored_decision).get("user_id")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return user if isinstance(user, str) else None
+
+
+def forgotten_field(user_id: str) -> str:
+    """The ``forgotten`` hash's field for a user: SHA-256 of the id (32 hex digits), so the
+    tombstone does not store the id itself (it only confirms an id one already knows)."""
+    return hashlib.sha256(user_id.encode()).hexdigest()[:32]
 
 
 def _glob_escape(literal: str) -> str:

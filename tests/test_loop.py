@@ -22,7 +22,7 @@ from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
 from loopwise.streams.decoding import Event
 from loopwise.streams.loop import LearningLoop
-from loopwise.streams.pipeline import fold_users, item_features
+from loopwise.streams.pipeline import drop_forgotten, fold_users, item_features
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.reward_join import Decision, OpenDecision, RewardJoin, RewardRule
 from loopwise.streams.user_state import StateRules, UserState
@@ -270,6 +270,42 @@ def test_a_log_record_too_large_for_the_broker_is_dead_lettered_not_outboxed() -
     assert "d1" in letter["detail"] and "max_log_record_bytes=10,000" in letter["detail"]
     assert plan.counters["log_records_too_large"] == 1 and plan.counters["decisions_closed"] == 2
     assert "d1" in plan.join_removed[2] and "d1" in plan.decisions_removed  # not stuck either
+
+
+def test_a_forget_erases_the_user_and_their_older_events_apply_as_nothing() -> None:
+    plan = BatchPlan()
+    events = [
+        (ev("view", 100), 0),
+        (ev("forget", 200, item=""), 0),
+        (ev("click", 150), 0),  # older than the forget: a late or replayed event
+        (ev("view", 120, user="u2"), 1),  # forgotten earlier (tombstone at 300)
+        (ev("view", 400, user="u2"), 1),  # after that forget: a new start
+        (ev("click", 250), 0),
+    ]
+    kept = drop_forgotten(events, {"u2": 300}, plan)
+    assert [(e.type, e.timestamp) for e, _ in kept] == [
+        ("view", 100),
+        ("forget", 200),
+        ("view", 400),
+        ("click", 250),
+    ]
+    assert plan.forgotten == {"u1": 200} and plan.counters["forgotten_events"] == 2
+    catalog = catalog_of(("i1", {"category": "c"}))
+    fold_users([e for e, _ in kept], {}, catalog, StateRules(), plan)
+    assert plan.counters["forgets"] == 1 and "u1" in plan.replaced
+    state = plan.users["u1"]
+    assert state is not None and (state.views, state.clicks) == (0, 1)  # only what came after
+
+
+def test_a_forgotten_users_latest_decision_is_deleted() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+    first = BatchPlan()
+    loop.plan(first, [(ev("view", 1), 0)], {"u1": UserState()}, Inputs(joins={0: []}), now_ms=0)
+    [decision_id] = first.decisions_set
+    plan = BatchPlan(forgotten={"u1": 5})
+    loop.plan(plan, [(ev("forget", 5, item=""), 0)], {"u1": None}, Inputs(), now_ms=0)
+    assert plan.decisions_removed == [decision_id] and plan.nba_removed == ["u1"]
+    assert not plan.decisions_set
 
 
 def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
