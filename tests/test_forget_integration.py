@@ -105,8 +105,9 @@ def test_forget_erases_every_trace_in_redis_and_old_events_recreate_nothing(
             fresh = {k.decode(): v.decode() for k, v in r.hgetall(s.key("user", GONE)).items()}
             assert fresh["views"] == "0" and fresh["clicks"] == "1", fresh
         counts = stats(r, s)
-        assert counts["accepted"] + counts["duplicates"] + counts["deadlettered"] == (
-            counts["consumed"]
+        assert (
+            counts["accepted"] + counts["duplicates"] + counts["deadlettered"]
+            == (counts["consumed"])
         )
     finally:
         assert stop_worker(worker) == 0

@@ -172,7 +172,9 @@ def test_a_store_without_an_epoch_checks_nothing_as_before() -> None:
     assert asyncio.run(store.read(Reads())) == Inputs()
     assert client.round_trips == 0
     inputs = asyncio.run(store.read(Reads(users=["u1"])))
-    assert [c for c, _ in client.commands] == ["hgetall", "hmget"] and inputs.states["u1"].clicks == 1
+    assert [c for c, _ in client.commands] == ["hgetall", "hmget"] and inputs.states[
+        "u1"
+    ].clicks == 1
 
 
 def test_epoch_round_trips_through_json_and_refuses_what_is_not_one() -> None:
