@@ -377,7 +377,7 @@ class RedisStore:
         await self.client.aclose()
 
 
-def _user_of(stored_decision: bytes) -> str | None:
+def _user_of(stored_decision: bytes | str) -> str | None:
     try:
         user = orjson.loads(stored_decision).get("user_id")
     except (orjson.JSONDecodeError, AttributeError):
