@@ -232,7 +232,7 @@ class RedisServer:
             return False
         import redis  # imported late: only startup and checks need it
 
-        client = self.client(socket_connect_timeout=1.0, socket_timeout=2.0)
+        client = self.client(socket_connect_timeout=1.0, socket_timeout=2.0, retry=None)
         try:
             return bool(client.ping())
         except redis.BusyLoadingError:
@@ -374,7 +374,7 @@ class RedisServer:
     def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
         import redis  # imported late: only startup needs it
 
-        client = self.client(socket_connect_timeout=0.5, socket_timeout=1.0)
+        client = self.client(socket_connect_timeout=0.5, socket_timeout=1.0, retry=None)
         last_error = "no answer yet"
         try:
             while True:
