@@ -237,6 +237,9 @@ class RedisServer:
             return bool(client.ping())
         except redis.BusyLoadingError:
             return True  # up, loading its append-only file
+        except redis.AuthenticationError as exc:
+            log.info("Redis on %s runs but refuses the configured user/password: %s", self.url, exc)
+            return False
         except redis.RedisError as exc:
             log.debug("Redis on %s does not answer PING: %s", self.url, exc)
             return False
@@ -345,6 +348,8 @@ class RedisServer:
                 ["-out", str(tls / f"{leaf}.crt")],
             )
             csr.unlink()
+        for certificate in tls.glob("*.crt"):  # public; the keys stay owner-only
+            certificate.chmod(0o644)
 
     def _openssl(self, openssl: str, *parts: list[str]) -> None:
         """``openssl`` with the arguments ``parts`` and our config (``req``: EC P-256 keys,
