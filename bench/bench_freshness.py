@@ -30,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-import redis
 from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
@@ -40,6 +39,7 @@ from loopwise.infra import LocalInfra
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
+from loopwise.redis_clients import redis_client
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
@@ -128,7 +128,7 @@ def main() -> None:
 
 
 def measure(settings: Settings, args: argparse.Namespace) -> dict[str, list[float]]:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     stop = threading.Event()
     probes: dict[str, float] = {}
     via_kafka: dict[str, float] = {}

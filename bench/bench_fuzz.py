@@ -53,7 +53,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-import redis
 from kafka import KafkaConsumer, KafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import (
@@ -69,6 +68,7 @@ from rich.table import Table
 
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
+from loopwise.redis_clients import redis_client
 from loopwise.streams.deadletter import MAX_ORIGINAL_BYTES
 from loopwise.streams.decoding import MAX_ID_CHARS, MAX_TIMESTAMP_MS, REASONS, Rejection, decode
 from loopwise.streams.topics import ensure_topics
@@ -1061,7 +1061,7 @@ class WorkerRun:
 
 def run_worker(settings: Settings, published: int, log_path: Path, stall_s: float) -> WorkerRun:
     """ONE real worker process until ``stats.consumed`` reaches ``published`` (or it stalls)."""
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     stats_key = settings.key("stats")
     stalled: str | None = None
     wall_start = time.perf_counter()

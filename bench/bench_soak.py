@@ -84,6 +84,7 @@ from loopwise.infra import LocalInfra
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
+from loopwise.redis_clients import redis_client
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
@@ -241,7 +242,7 @@ def serving_layer(
     if views_per_s <= 0:
         return
     rng = np.random.default_rng(SEED + 1)
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     nba_key = settings.key("nba", "{}")
     shown: dict[str, float] = {}  # decision_id -> when shown (forgotten after 15 min)
     due: list[tuple[int, int, dict[str, Any]]] = []  # (timestamp, seq, follow-up)
@@ -455,7 +456,7 @@ def cpu_share(samples: list[dict[str, Any]]) -> float:
 
 
 def run(args: argparse.Namespace, settings: Settings, db: int) -> dict[str, Any]:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     console.print(f"marketplace: {args.users:,} users x {args.items} items (calibrating)")
     organic_market = Marketplace(market_config(args, "organic"))
     serving_market = Marketplace(market_config(args, "serving"))  # same world, own ids

@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-import redis
 from aiokafka import AIOKafkaConsumer
 from kafka import KafkaProducer
 from rich.console import Console
@@ -41,6 +40,7 @@ from rich.table import Table
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.redis_clients import redis_client
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.pipeline import Message, Pipeline
@@ -122,7 +122,7 @@ def core_without_faust(settings: Settings, n: int) -> float:
 
 
 def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
-    client = redis.Redis.from_url(settings.redis_url)
+    client = redis_client(settings)
     worker = spawn_worker(settings.model_copy(update={"decisions": decisions}), "warning")
     stats_key = settings.key("stats")
     try:

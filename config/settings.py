@@ -69,7 +69,33 @@ class Settings(BaseSettings):
         "127.0.0.1:9092", description="Kafka bootstrap servers, host:port[,host:port]"
     )
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis URL")
-    redis_password: str | None = Field(None, description="Redis password (environment only)")
+    redis_password: SecretStr | None = Field(
+        None,
+        description="Redis password (environment only: LOOPWISE_REDIS_PASSWORD); with "
+        "redis_username, the ACL user's",
+    )
+    redis_username: str | None = Field(
+        None,
+        description="Redis ACL user (default: the user in redis_url, else Redis's 'default' user)",
+    )
+    redis_ssl_ca_certs: Path | None = Field(
+        None,
+        description="CA certificates (PEM file) that verify the Redis server's certificate "
+        "(rediss:// only; default: the system's CAs)",
+    )
+    redis_ssl_certfile: Path | None = Field(
+        None,
+        description="client certificate (PEM file) for a Redis that requires one (rediss:// only)",
+    )
+    redis_ssl_keyfile: Path | None = Field(
+        None,
+        description="private key (PEM file) of redis_ssl_certfile, if not in that file",
+    )
+    redis_ssl_check_hostname: bool = Field(
+        True,
+        description="the Redis server's certificate must name the host of redis_url "
+        "(rediss:// only)",
+    )
     key_prefix: str = Field("loopwise:", description="prefix of every Redis key")
     state_dir: Path = Field(
         Path("state"), description="folder for local infra data, logs and pid files"
@@ -218,6 +244,51 @@ class Settings(BaseSettings):
             raise ValueError(
                 "must start with redis://, rediss:// or unix://, e.g. 'redis://127.0.0.1:6379/0'"
             )
+        return value
+
+    @field_validator("redis_password", "redis_username")
+    @classmethod
+    def _redis_credentials(cls, value: Any, info: Any) -> Any:
+        """Each credential in one place: the setting, or redis_url (not two different ones)."""
+        from urllib.parse import unquote, urlsplit
+
+        if value is None:
+            return None
+        url = urlsplit(info.data.get("redis_url") or "")
+        if info.field_name == "redis_password":
+            if url.password is not None:  # the message shows neither password
+                raise ValueError(
+                    "redis_url carries a password too; give it in one place (preferably "
+                    "LOOPWISE_REDIS_PASSWORD, and a URL without it)"
+                )
+            return value
+        if not value or any(c.isspace() for c in value):
+            raise ValueError("must be a Redis ACL user name: non-empty, without whitespace")
+        if url.username and unquote(url.username) != value:
+            raise ValueError(
+                f"redis_url names another user ({unquote(url.username)!r}); name the user in "
+                "one place, or the same user in both"
+            )
+        return value
+
+    @field_validator("redis_ssl_ca_certs", "redis_ssl_certfile", "redis_ssl_keyfile")
+    @classmethod
+    def _redis_tls_file(cls, value: Path | None, info: Any) -> Path | None:
+        if value is None:
+            return None
+        url = info.data.get("redis_url")
+        if url is not None and not url.startswith("rediss://"):
+            raise ValueError(
+                "TLS files apply only to a rediss:// redis_url (this one is not TLS); use "
+                "rediss://HOST:PORT/DB, or unset this setting"
+            )
+        if not value.is_file():
+            raise ValueError(f"must be an existing PEM file; {str(value)!r} is not a file")
+        if (
+            info.field_name == "redis_ssl_keyfile"
+            and info.data.get("redis_ssl_certfile", 0) is None
+        ):
+            raise ValueError("is the key of redis_ssl_certfile, which is not set; set both")
         return value
 
     @classmethod

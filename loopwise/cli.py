@@ -94,7 +94,6 @@ def user_error_message(exc: BaseException, settings: Settings | None) -> str | N
     """The line that tells the user what to fix, or None when ``exc`` is a bug of Loopwise's."""
     import aiokafka.errors
     import kafka.errors
-    import redis.exceptions
     from pydantic import ValidationError
     from pydantic_settings import SettingsError
 
@@ -103,6 +102,7 @@ def user_error_message(exc: BaseException, settings: Settings | None) -> str | N
     from loopwise.learners.arms import ArmConfigError
     from loopwise.learners.policy import SnapshotError
     from loopwise.learners.targets import TargetError
+    from loopwise.redis_clients import redis_error_message
     from loopwise.replay import ReplayError
     from loopwise.streams.redis_store import url_without_password
 
@@ -162,13 +162,8 @@ def user_error_message(exc: BaseException, settings: Settings | None) -> str | N
     redis_at = (
         f"Redis at {url_without_password(settings.redis_url)}" if settings is not None else "Redis"
     )
-    if isinstance(exc, redis.exceptions.AuthenticationError):
-        return f"{redis_at} refused the password (LOOPWISE_REDIS_PASSWORD): {_text(exc)}"
-    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
-        return (
-            f"cannot reach {redis_at} (setting redis_url, LOOPWISE_REDIS_URL): {_text(exc)}; "
-            "is it running? `loopwise infra up` starts a local one"
-        )
+    if (refused_redis := redis_error_message(exc, settings)) is not None:
+        return refused_redis  # names the settings (user, password, TLS, URL) to look at
 
     if isinstance(exc, ConnectionError):  # a socket of ours or a library's, address unknown
         where = (

@@ -6,18 +6,16 @@ from __future__ import annotations
 from typing import Any
 
 import orjson
-import redis
 from rich.console import Console
 from rich.table import Table
 
 from loopwise.config import Settings
+from loopwise.redis_clients import redis_client
 
 
 def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000) -> dict[str, Any]:
     """Counters of ``{prefix}stats``, user and catalog counts, and ``sample`` user hashes."""
-    client = redis.Redis.from_url(
-        settings.redis_url, password=settings.redis_password, decode_responses=True
-    )
+    client = redis_client(settings, decode_responses=True)
     try:
         stats = {k: int(v) for k, v in client.hgetall(settings.key("stats")).items()}
         users: list[str] = []

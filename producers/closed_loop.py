@@ -32,6 +32,7 @@ from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import Marketplace
 from loopwise.producers.traffic import RateLimiter
+from loopwise.redis_clients import redis_client
 
 DEFAULT_USER = "__default__"
 
@@ -67,7 +68,7 @@ def run_closed_loop(
     latest context, as any precomputed next-best-action must.
     """
     rng = np.random.default_rng(seed)
-    client = redis.Redis.from_url(settings.redis_url, password=settings.redis_password)
+    client = redis_client(settings)
     report = ClosedLoopReport()
     nba_key = settings.key("nba", "{}")
     shown: set[str] = set()

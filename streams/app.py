@@ -27,12 +27,12 @@ from collections.abc import Callable
 from typing import Any
 
 import faust
-import redis
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
 from loopwise.config import Settings
 from loopwise.learners.arms import ArmAssigner
+from loopwise.redis_clients import redis_client
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
@@ -134,7 +134,7 @@ def build_app(
         )
         learner = Learner(settings, store.client, policies, maker.popularity)
         # Restore before any agent starts, so the first decisions use the saved models.
-        with redis.Redis.from_url(settings.redis_url, password=settings.redis_password) as sync:
+        with redis_client(settings) as sync:
             learner.load_snapshot(sync.hgetall(learner.key))
     pipeline = Pipeline(settings, store, checkpoint, catalog, loop)
 

@@ -126,10 +126,10 @@ class RedisStore:
 
     @classmethod
     def connect(cls, settings: Settings, epoch: Epoch | None = None) -> RedisStore:
-        client = aioredis.Redis.from_url(
-            settings.redis_url, password=settings.redis_password, decode_responses=False
-        )
-        return cls(client, settings, epoch)
+        """A store on the settings' Redis (URL, ACL user, password, TLS: one client builder)."""
+        from loopwise.redis_clients import async_redis_client
+
+        return cls(async_redis_client(settings, decode_responses=False), settings, epoch)
 
     @property
     def epoch_key(self) -> str:

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 import faust
-import redis
 from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
 from loopwise.config import Settings
+from loopwise.redis_clients import redis_client
 from loopwise.streams.app import build_app
 from loopwise.streams.errors import RedisDataLost
 from loopwise.streams.rebuild import committed_offsets
@@ -84,7 +84,7 @@ def open_epoch(settings: Settings, *, accept_empty_redis: bool = False) -> Epoch
     together agree on it.
     """
     key = settings.key("epoch")
-    with redis.Redis.from_url(settings.redis_url, password=settings.redis_password) as client:
+    with redis_client(settings) as client:
         raw = client.get(key)
         if raw is None:
             if accept_empty_redis:

@@ -34,10 +34,18 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LocalInfra:
     """A local Kafka broker and Redis server, started and stopped together."""
 
-    def __init__(self, kafka: KafkaBroker, redis: RedisServer, *, redis_db: int = 0) -> None:
+    def __init__(
+        self,
+        kafka: KafkaBroker,
+        redis: RedisServer,
+        *,
+        redis_db: int = 0,
+        redis_clients_ca: Path | None = None,
+    ) -> None:
         self.kafka = kafka
         self.redis = redis
         self.redis_db = redis_db
+        self.redis_clients_ca = redis_clients_ca  # what clients verify a TLS Redis with
 
     def __repr__(self) -> str:
         return f"LocalInfra({self.kafka!r}, {self.redis!r})"
@@ -47,16 +55,26 @@ class LocalInfra:
         """The infra the settings point at: their ports, version, and ``state_dir``.
 
         The broker's files go to ``state_dir/kafka``, Redis's to ``state_dir/redis``.
+        The local Redis requires the settings' password (``redis_password``, or the URL's),
+        for the ACL user ``redis_username`` (or the URL's) when one is set, and speaks TLS
+        only when ``redis_url`` is ``rediss://`` (client certificates required when
+        ``redis_ssl_certfile`` is set); see :class:`RedisServer`.
         """
+        from loopwise.redis_clients import redis_credentials
+        from loopwise.streams.redis_store import url_without_password
+
         kafka_host = settings.bootstrap_servers.split(",")[0].strip().rpartition(":")[0]
         parsed = urlparse(settings.redis_url)
-        if parsed.scheme != "redis" or not parsed.hostname:
+        if parsed.scheme not in ("redis", "rediss") or not parsed.hostname:
             raise InfraError(
-                f"setting 'redis_url' (LOOPWISE_REDIS_URL) = {settings.redis_url!r}: the local "
-                "Redis is plain TCP, so use redis://HOST:PORT/DB, e.g. redis://127.0.0.1:6379/0"
+                f"setting 'redis_url' (LOOPWISE_REDIS_URL) = "
+                f"{url_without_password(settings.redis_url)!r}: the local Redis listens on "
+                "TCP, so use redis://HOST:PORT/DB (or rediss:// for TLS), e.g. "
+                "redis://127.0.0.1:6379/0"
             )
         db = parsed.path.lstrip("/")
         state_dir = Path(settings.state_dir)
+        username, password = redis_credentials(settings)
         return cls(
             KafkaBroker(
                 settings.kafka_version,
@@ -65,8 +83,17 @@ class LocalInfra:
                 controller_port=settings.kafka_controller_port,
                 state_dir=state_dir / "kafka",
             ),
-            RedisServer(parsed.hostname, port=settings.redis_port, state_dir=state_dir / "redis"),
+            RedisServer(
+                parsed.hostname,
+                port=settings.redis_port,
+                state_dir=state_dir / "redis",
+                username=username,
+                password=password,
+                tls=parsed.scheme == "rediss",
+                tls_auth_clients=settings.redis_ssl_certfile is not None,
+            ),
             redis_db=int(db) if db.isdigit() else 0,
+            redis_clients_ca=settings.redis_ssl_ca_certs,
         )
 
     @classmethod
@@ -106,7 +133,8 @@ class LocalInfra:
 
     @property
     def redis_url(self) -> str:
-        return f"redis://{self.redis.host}:{self.redis.port}/{self.redis_db}"
+        """The URL of the local Redis, without user or password (``rediss://`` with TLS)."""
+        return self.redis.url.rpartition("/")[0] + f"/{self.redis_db}"
 
     def up(self, timeout: float = 90) -> None:
         """Start Redis, then Kafka (jars fetched on first use); each only if not already up.
@@ -123,11 +151,28 @@ class LocalInfra:
             if not redis_was_up:
                 self.redis.stop()
             raise
+        self._check_clients_trust_redis()
         log.info(
             "local infra up in %.1f s: Kafka %s, Redis %s",
             time.monotonic() - started,
             self.bootstrap_servers,
             self.redis_url,
+        )
+
+    def _check_clients_trust_redis(self) -> None:
+        """Warn when a TLS Redis's clients would not verify its certificate: they verify
+        with ``redis_ssl_ca_certs``, which must be the local CA (``tls/ca.crt``)."""
+        if not self.redis.tls:
+            return
+        given = self.redis_clients_ca
+        if given is not None and given.read_bytes() == self.redis.ca_file.read_bytes():
+            return
+        log.warning(
+            "the local Redis's TLS certificate is signed by %s; clients verify it with "
+            "redis_ssl_ca_certs, which is %s: set LOOPWISE_REDIS_SSL_CA_CERTS=%s",
+            self.redis.ca_file,
+            "not set (the system's CAs)" if given is None else f"another file ({given})",
+            self.redis.ca_file,
         )
 
     def down(self) -> None:
