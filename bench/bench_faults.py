@@ -1045,6 +1045,7 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
             ),
         ]
         traffic_t0 = time.monotonic()
+        supervisor.t0 = traffic_t0  # the exits' times on the faults' clock
         for thread in threads:
             thread.start()
         with _progress() as progress:
@@ -1209,6 +1210,7 @@ def inject_faults(
                 info=f"worker starts {supervisor.spawns}, exits {len(supervisor.exits)}",
             )
             time.sleep(0.25)
+        progress.update(organic, completed=sent.organic)
         progress.update(shown, completed=sent.decisions)
     finally:
         forger.close()
