@@ -53,6 +53,12 @@ is on the three topics and in Redis:
 - Redis kill: every counter read just before the kill is still there after the restart
   (acknowledged writes lost, if any), and the epoch is the same.
 
+A kill -9 of the Redis process loses nothing Redis answered (its writes reached the operating
+system); a machine crash can lose the writes of the last second, which the file was not yet
+fsynced for. ``--redis-aof-loss-s 1`` shows what Loopwise does then: after the kill the bench
+cuts the last second of writes off the append-only file before the restart (the checks then
+say what was lost).
+
 Output: a table (fault, what Loopwise did, what was lost), the checks, and
 ``bench/results/faults.json`` with every figure. Exit status 1 if a check failed.
 
@@ -492,8 +498,58 @@ def kill_broker(local: LocalInfra, down_s: float) -> dict[str, Any]:
     return {"pid": pid, "down_s": round(time.monotonic() - killed, 2)}
 
 
-def kill_redis(local: LocalInfra, r: redis.Redis, s: Settings, down_s: float) -> dict[str, Any]:
-    """kill -9 of Redis and a restart on the same folder; what it held before and after."""
+class AofTail:
+    """Sizes of Redis's growing append-only file over the last seconds, so that a kill -9 can
+    be followed by what a machine crash loses with ``appendfsync everysec``: the file's tail
+    written since the last fsync (``--redis-aof-loss-s``)."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.dir = data_dir / "appendonlydir"
+        self.samples: deque[tuple[float, Path, int]] = deque()
+
+    def current(self) -> Path | None:
+        """The newest incremental AOF file (``appendonly.aof.{seq}.incr.aof``)."""
+        files = list(self.dir.glob("*.incr.aof"))
+        return max(files, key=lambda f: int(f.name.split(".")[-3])) if files else None
+
+    def sample(self) -> None:
+        path = self.current()
+        if path is not None:
+            self.samples.append((time.monotonic(), path, path.stat().st_size))
+        while self.samples and self.samples[0][0] < time.monotonic() - 30:
+            self.samples.popleft()
+
+    def cut(self, loss_s: float, at: float) -> dict[str, Any]:
+        """Truncate the file (Redis is dead) to its size ``loss_s`` before ``at``."""
+        path = self.current()
+        if path is None:
+            return {"aof_cut": "no incremental AOF file"}
+        size = path.stat().st_size
+        same = [(t, n) for t, p, n in self.samples if p == path]
+        before = [n for t, n in same if t <= at - loss_s]
+        # No sample that old of this file (a rewrite started it since): its oldest one.
+        keep = before[-1] if before else (same[0][1] if same else size)
+        with path.open("r+b") as f:
+            f.truncate(keep)
+        return {
+            "aof_file": path.name,
+            "aof_bytes_cut": size - keep,
+            "aof_cut_s": loss_s if before else "less (the file is younger)",
+        }
+
+
+def kill_redis(
+    local: LocalInfra,
+    r: redis.Redis,
+    s: Settings,
+    down_s: float,
+    aof: AofTail | None = None,
+    loss_s: float = 0.0,
+) -> dict[str, Any]:
+    """kill -9 of Redis and a restart on the same folder; what it held before and after.
+
+    With ``loss_s``, the append-only file loses its last ``loss_s`` seconds of writes before
+    the restart, as after a machine crash (a process kill -9 loses nothing Redis answered)."""
     before = read_stats(r, s) or Counter()
     epoch_before = r.get(s.key("epoch"))
     persistence = r.info("persistence")
@@ -504,6 +560,7 @@ def kill_redis(local: LocalInfra, r: redis.Redis, s: Settings, down_s: float) ->
     killed = time.monotonic()
     wait_for(lambda: local.redis.pid() is None, 30, "redis-server to die")
     wait_for(lambda: not port_open(local.redis.host, local.redis.port), 30, "Redis's port")
+    cut = aof.cut(loss_s, killed) if aof is not None and loss_s > 0 else {}
     time.sleep(down_s)
     local.redis.start()  # same port, same folder: it loads the append-only file
     after = read_stats(r, s) or Counter()
@@ -520,6 +577,7 @@ def kill_redis(local: LocalInfra, r: redis.Redis, s: Settings, down_s: float) ->
         "consumed_after": after["consumed"],
         "counters_decreased": decreased,
         "epoch_kept": epoch_before is not None and epoch_before == epoch_after,
+        **cut,
     }
 
 
@@ -837,8 +895,13 @@ def reconcile(
         f"(unknown_decisions {stats['unknown_decisions']})",
     )
     check("nothing logged that was not viewed", not extra, f"{len(extra)}")
-    outcomes = ("decisions_opened", "repeated_views", "unknown_decisions", "mismatched_views")
-    outcomes += ("default_views",)
+    outcomes = (
+        "decisions_opened",
+        "repeated_views",
+        "unknown_decisions",
+        "mismatched_views",
+        "default_views",
+    )
     check(
         "every view of a decision counted once: opened, repeated, unknown, mismatched, default",
         sum(stats[k] for k in outcomes) == len(view_decisions),
@@ -934,6 +997,14 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--down-s", type=float, default=2.0, help="how long the broker and Redis stay down (2)"
+    )
+    parser.add_argument(
+        "--redis-aof-loss-s",
+        type=float,
+        default=0.0,
+        help="after the Redis kill -9, cut this many seconds of writes off the end of its "
+        "append-only file before the restart: what a machine crash can lose with appendfsync "
+        "everysec (0: a plain kill -9, which loses nothing Redis answered)",
     )
     parser.add_argument(
         "--stall-s",
@@ -1168,9 +1239,12 @@ def inject_faults(
     pending = list(faults)
     done: list[Fault] = []
     forger = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+    aof = AofTail(local.redis.data_dir)
     try:
         while pending or not (sent.apps_done and sent.serving_done):
             supervisor.check()
+            if args.redis_aof_loss_s > 0:
+                aof.sample()
             now = time.monotonic()
             if supervisor.data_lost_exits >= 3:
                 progress.console.print("[red]the worker keeps exiting with code 3: giving up")
@@ -1180,7 +1254,7 @@ def inject_faults(
                 stats = read_stats(r, s)
                 fault.consumed_at = stats["consumed"] if stats is not None else None
                 fault.done_at_s = now - t0
-                strike(fault, s, r, local, supervisor, forger, rng, args)
+                strike(fault, s, r, local, supervisor, forger, rng, args, aof)
                 done.append(fault)
                 progress.console.print(
                     f"{fault.done_at_s:7.1f} s  {fault.kind}: "
@@ -1234,6 +1308,7 @@ def strike(
     forger: KafkaProducer,
     rng: random.Random,
     args: argparse.Namespace,
+    aof: AofTail,
 ) -> None:
     exits_before = len(supervisor.exits)
     if fault.kind == "worker_sigkill":
@@ -1241,7 +1316,7 @@ def strike(
     elif fault.kind == "broker_kill9":
         fault.details.update(kill_broker(local, args.down_s))
     elif fault.kind == "redis_kill9":
-        fault.details.update(kill_redis(local, r, s, args.down_s))
+        fault.details.update(kill_redis(local, r, s, args.down_s, aof, args.redis_aof_loss_s))
     elif fault.kind == "forged_log_record":
         forged = {
             "decision_id": FORGED_ID,
@@ -1408,8 +1483,14 @@ def report(
                 lost_whole_run + " (whole run)",
             )
         elif f.kind == "redis_kill9":
+            cut = (
+                f" (then {d['aof_bytes_cut']:,} bytes cut off its AOF: its last "
+                f"{d['aof_cut_s']} s of writes, as a machine crash)"
+                if "aof_bytes_cut" in d
+                else ""
+            )
             row(
-                f"Redis kill -9 + restart (at {f.done_at_s:.0f} s)",
+                f"Redis kill -9 + restart (at {f.done_at_s:.0f} s){cut}",
                 f"Redis down {d['down_s']:.1f} s, reloaded its AOF ({d['keys_before']:,} keys "
                 f"before, {d['keys_after']:,} after); {worker}; {after}; epoch kept: "
                 f"{d['epoch_kept']}",
