@@ -170,6 +170,7 @@ def test_sigkills_and_a_broker_kill_9_lose_no_decision_and_learn_each_once(
             lambda: worker is not None and bool(worker.alive()) and settled(r, s, published),
             180,
             f"every decision closed, logged and learned ({events})",
+            poll_s=1.0,
         )
         assert stop_worker(worker.proc) == 0
         counts = stats(r, s)
