@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -62,6 +62,9 @@ bench-fuzz: install  ## 1M hostile messages through the real worker, every count
 
 bench-soak: install  ## worker RSS and Redis memory under 10 minutes of steady traffic, plot
 	$(BIN)/python -m bench.bench_soak
+
+bench-faults: install  ## worker SIGKILLs, broker and Redis kill -9, poison input, learning loop on: what was lost (~12 min)
+	$(BIN)/python -m bench.bench_faults
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache

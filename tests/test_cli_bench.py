@@ -17,7 +17,11 @@ def test_bench_help_lists_every_benchmark() -> None:
 
 @pytest.mark.parametrize(
     ("name", "help_flag", "options"),
-    [("worker", "--help", ["--events", "--repeat"]), ("policies", "-h", ["--jobs"])],
+    [
+        ("worker", "--help", ["--events", "--repeat"]),
+        ("policies", "-h", ["--jobs"]),
+        ("faults", "--help", ["--events", "--kills", "--seed", "--out"]),
+    ],
 )
 def test_a_benchmarks_help_is_its_own_argparse_help(
     name: str, help_flag: str, options: list[str]
