@@ -112,6 +112,7 @@ from loopwise.producers.closed_loop import run_closed_loop
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
+from loopwise.redis_clients import redis_client
 from loopwise.streams.deadletter import MAX_ORIGINAL_BYTES
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import DATA_LOST_EXIT, spawn_worker, stop_worker
@@ -1060,7 +1061,7 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
             attribution_window_ms=args.attribution_window_s * 1000,
         )
         ensure_topics(s)
-        r = redis.Redis.from_url(s.redis_url, socket_timeout=10)
+        r = redis_client(s, socket_timeout=10)
         now_ms = int(time.time() * 1000)
         start_ms = now_ms - PAST_MS
         tag = uuid.uuid4().hex[:6]

@@ -16,9 +16,10 @@ A batch and a timer tick both end here, in this order (as Quix Streams'
 Steps 1-2 and 3-4 are retried separately: a failure before the transaction
 leaves nothing of the batch in Redis (the caller drops the in-memory join and
 replays the batch); a failure after it leaves the records in the outbox, and
-``publish`` is simply called again. A crash between 3 and 4 leaves sent records
-in the outbox: before a partition's outbox is published for the first time,
-the records already at the tail of its log partition are dropped from it. So a
+``publish`` is simply called again. A crash or a failure between 3 and 4
+leaves sent records in the outbox: before a partition's outbox is published
+for the first time, and again after any failed publication, the records
+already at the tail of its log partition are dropped from it. So a
 closed decision is logged exactly once, and none is lost. A replayed batch may
 put a dead letter on the topic again (at-least-once), and counts it again:
 ``consumed`` counts deliveries, ``accepted`` each event once.
@@ -79,11 +80,17 @@ class Checkpoint:
             skip = 0
             if partition not in self._recovered:
                 skip = await self._already_on_log(partition, pending)
-                self._recovered.add(partition)
             records = [(partition, str(_ours(raw).user_id).encode(), raw) for raw in pending[skip:]]
-            if records:
-                await self.send_log(records)
-            await self.store.trim_outbox(partition, len(pending))
+            try:
+                if records:
+                    await self.send_log(records)
+                await self.store.trim_outbox(partition, len(pending))
+            except BaseException:
+                # The broker may hold some or all of these records (acknowledged, then the
+                # send or the trim failed): the retry checks the log's tail again.
+                self._recovered.discard(partition)
+                raise
+            self._recovered.add(partition)
             sent += len(records)
         return sent
 

@@ -533,3 +533,33 @@ def test_transient_failures_are_retried_not_isolated() -> None:
 
     report = asyncio.run(pipeline.process_isolating([_message(0, "u1")], retry))
     assert len(attempts) == 3 and not dead and report.counters["accepted"] == 1
+
+
+def test_a_publication_that_fails_after_the_broker_acked_is_not_sent_twice() -> None:
+    """The log acknowledged the records, then the outbox's trim failed (Redis went away):
+    the retry must find them at the log's tail instead of sending them again."""
+    import redis.exceptions
+
+    from loopwise.streams.errors import retry
+
+    class FailingTrim(RecordingStore):
+        async def trim_outbox(self, partition: int, sent: int) -> None:
+            if not self.calls:
+                self.calls.append("trim failed")
+                raise redis.exceptions.ConnectionError("Redis went away after the log acked")
+            await super().trim_outbox(partition, sent)
+
+    store = FailingTrim([], {0: [record("d1"), record("d2")]})
+    log: list[bytes] = []
+
+    async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
+        log.extend(value for _, _, value in records)
+
+    async def tail(partition: int, n: int) -> set[str]:
+        return {orjson.loads(v)["decision_id"] for v in log[-n:]}
+
+    checkpoint = Checkpoint(store, deadletters_ignored, send_log, tail)  # type: ignore[arg-type]
+    for _ in range(2):  # a second, healthy publication afterwards sends nothing either
+        asyncio.run(retry(lambda: checkpoint.publish([0]), "publishing the outbox"))
+    assert [orjson.loads(v)["decision_id"] for v in log] == ["d1", "d2"]
+    assert store.outbox[0] == []
