@@ -3,6 +3,7 @@ broker: ``test_kafka_security_integration.py`` runs them against one)."""
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import ssl
@@ -28,8 +29,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(autouse=True)
 def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    import os
-
     for name in list(os.environ):
         if name.startswith("LOOPWISE_"):
             monkeypatch.delenv(name)
