@@ -30,10 +30,10 @@ from pathlib import Path
 
 import numpy as np
 import orjson
-from aiokafka import AIOKafkaConsumer
 from rich.console import Console
 from rich.table import Table
 
+from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.sdk import EventPublisher
@@ -71,9 +71,9 @@ def kafka_baseline(
     settings: Settings, probes: dict[str, float], seen: dict[str, float], stop: threading.Event
 ) -> None:
     async def run() -> None:
-        consumer = AIOKafkaConsumer(
+        consumer = kafka_clients.aio_consumer(
+            settings,
             settings.events_topic,
-            bootstrap_servers=settings.bootstrap_servers,
             group_id="fresh-" + uuid.uuid4().hex,
             auto_offset_reset="latest",
         )

@@ -53,7 +53,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import TopicPartition
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -66,6 +66,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.redis_clients import redis_client
@@ -1002,8 +1003,8 @@ def _progress() -> Progress:
 def publish(settings: Settings, corpus: Corpus, n: int) -> tuple[Ledger, dict[str, float]]:
     """Generate ``n`` messages and publish them; the ledger knows each one's partition/offset."""
     ledger = Ledger(list(FAMILIES))
-    producer = KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
+    producer = kafka_clients.producer(
+        settings,
         linger_ms=20,
         batch_size=512 * 1024,
         max_request_size=1_048_576,  # the broker's limit: messages near 1 MB go through
@@ -1168,8 +1169,8 @@ def check_deadletters(settings: Settings, ledger: Ledger) -> DeadLetterCheck:
                 example["original_b64_head"] = str(record.get("original_b64", ""))[:400]
             check.examples.append(example)
 
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+    consumer = kafka_clients.consumer(
+        settings,
         enable_auto_commit=False,
         max_partition_fetch_bytes=4 * 1024 * 1024,
         fetch_max_bytes=64 * 1024 * 1024,
@@ -1294,7 +1295,7 @@ def fetch_originals(settings: Settings, examples: list[dict[str, Any]]) -> None:
     wanted = [e for e in examples if "partition" in e and "record" not in e]
     if not wanted:
         return
-    consumer = KafkaConsumer(bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False)
+    consumer = kafka_clients.consumer(settings, enable_auto_commit=False)
     try:
         for example in wanted:
             tp = TopicPartition(settings.events_topic, example["partition"])

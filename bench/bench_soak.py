@@ -74,11 +74,12 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.sdk import EventPublisher
@@ -349,8 +350,8 @@ class Lag:
     """
 
     def __init__(self, settings: Settings, partitions: int) -> None:
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+        self.consumer = kafka_clients.consumer(
+            settings,
             group_id=settings.app_id,
             client_id="soak-lag",
             enable_auto_commit=False,

@@ -31,12 +31,11 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from aiokafka import AIOKafkaConsumer
-from kafka import KafkaProducer
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.simulator import MarketConfig, Marketplace
@@ -54,9 +53,7 @@ RESULTS = Path(__file__).parent / "results"
 
 def preload(settings: Settings, n: int, seed: int = 5) -> int:
     market = Marketplace(MarketConfig(n_users=5000, n_items=200, seed=seed))
-    producer = KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers, linger_ms=20, batch_size=256 * 1024
-    )
+    producer = kafka_clients.producer(settings, linger_ms=20, batch_size=256 * 1024)
     events = market.catalog_events() + list(market.events(n - len(market.catalog_events())))
     for event in track(events, description="preloading the topic", console=console):
         key = (event.get("user_id") or event["item_id"]).encode()
@@ -67,9 +64,9 @@ def preload(settings: Settings, n: int, seed: int = 5) -> int:
 
 
 async def _consume(settings: Settings, n: int, handle: Any) -> float:
-    consumer = AIOKafkaConsumer(
+    consumer = kafka_clients.aio_consumer(
+        settings,
         settings.events_topic,
-        bootstrap_servers=settings.bootstrap_servers,
         group_id="bench-" + uuid.uuid4().hex,
         auto_offset_reset="earliest",
         enable_auto_commit=False,

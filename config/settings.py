@@ -101,6 +101,113 @@ class Settings(BaseSettings):
         Path("state"), description="folder for local infra data, logs and pid files"
     )
 
+    # Kafka security: applied to every Kafka client Loopwise makes (loopwise.kafka_clients).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = Field(
+        "PLAINTEXT",
+        description="how every Kafka client talks to the broker: PLAINTEXT, SSL (TLS), "
+        "SASL_PLAINTEXT (SASL login, no TLS) or SASL_SSL (SASL login over TLS)",
+    )
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = Field(
+        None,
+        validate_default=True,
+        description="SASL mechanism, required with SASL_PLAINTEXT and SASL_SSL",
+    )
+    kafka_sasl_username: str | None = Field(
+        None, validate_default=True, description="SASL user, required with SASL_* protocols"
+    )
+    sasl_password: SecretStr | None = Field(
+        None,
+        validate_default=True,
+        description="SASL password, required with SASL_* protocols "
+        "(environment only: LOOPWISE_SASL_PASSWORD)",
+    )
+    kafka_ssl_cafile: Path | None = Field(
+        None,
+        description="PEM file of the CA(s) that signed the broker's certificate "
+        "(SSL, SASL_SSL; default: the system's CAs)",
+    )
+    kafka_ssl_certfile: Path | None = Field(
+        None,
+        description="PEM client certificate for brokers that require one (SSL, SASL_SSL); "
+        "may also hold the key",
+    )
+    kafka_ssl_keyfile: Path | None = Field(
+        None, description="PEM private key of kafka_ssl_certfile (unencrypted)"
+    )
+    kafka_ssl_check_hostname: bool = Field(
+        True,
+        validate_default=True,
+        description="check that the broker's certificate names the host connected to "
+        "(SSL, SASL_SSL); the certificate is verified against the CA either way",
+    )
+
+    @staticmethod
+    def _security_error(message: str) -> Exception:
+        from pydantic_core import PydanticCustomError
+
+        return PydanticCustomError("kafka_security", message)
+
+    @field_validator("kafka_sasl_mechanism", "kafka_sasl_username", "sasl_password")
+    @classmethod
+    def _sasl_only_with_sasl(cls, value: Any, info: Any) -> Any:
+        protocol = info.data.get("kafka_security_protocol")
+        name = str(info.field_name)
+        shown = "LOOPWISE_" + name.upper()
+        if protocol is None:  # the protocol itself was refused; that error is enough
+            return value
+        empty = value is None or (
+            (value.get_secret_value() if isinstance(value, SecretStr) else value) == ""
+        )
+        if protocol.startswith("SASL_") and empty:
+            allowed = (
+                " to PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512"
+                if name == "kafka_sasl_mechanism"
+                else (" (environment only)" if name == "sasl_password" else "")
+            )
+            raise cls._security_error(
+                f"required with kafka_security_protocol={protocol}: set {shown}{allowed}",
+            )
+        if not protocol.startswith("SASL_") and value is not None:
+            raise cls._security_error(
+                f"only used with kafka_security_protocol SASL_PLAINTEXT or SASL_SSL, not "
+                f"{protocol}: unset {shown} or set LOOPWISE_KAFKA_SECURITY_PROTOCOL to SASL_SSL",
+            )
+        return value
+
+    @field_validator("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")
+    @classmethod
+    def _tls_files_exist(cls, value: Path | None, info: Any) -> Path | None:
+        if value is None:
+            return None
+        protocol = info.data.get("kafka_security_protocol")
+        if protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            raise cls._security_error(
+                f"TLS files are only used with kafka_security_protocol SSL or SASL_SSL, not "
+                f"{protocol}: set LOOPWISE_KAFKA_SECURITY_PROTOCOL to SSL or SASL_SSL, or unset "
+                f"LOOPWISE_{str(info.field_name).upper()}",
+            )
+        path = Path(os.path.abspath(value.expanduser()))  # child processes may run elsewhere
+        if not path.is_file() or not os.access(path, os.R_OK):
+            raise cls._security_error(f"{path} is not a readable file; give the path of a PEM file")
+        if (
+            info.field_name == "kafka_ssl_keyfile"
+            and info.data.get("kafka_ssl_certfile", 0) is None
+        ):
+            raise cls._security_error(
+                "a key without a certificate: set LOOPWISE_KAFKA_SSL_CERTFILE too",
+            )
+        return path
+
+    @field_validator("kafka_ssl_check_hostname")
+    @classmethod
+    def _hostname_check_with_tls(cls, value: bool, info: Any) -> bool:
+        protocol = info.data.get("kafka_security_protocol")
+        if not value and protocol in ("PLAINTEXT", "SASL_PLAINTEXT"):
+            raise cls._security_error(
+                f"only used with kafka_security_protocol SSL or SASL_SSL, not {protocol}",
+            )
+        return value
+
     # Topics.
     events_topic: str = "loopwise.events"
     deadletter_topic: str = "loopwise.deadletter"

@@ -22,9 +22,9 @@ import uuid
 from pathlib import Path
 
 import orjson
-from kafka import KafkaProducer
 from rich.console import Console
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.closed_loop import run_closed_loop
@@ -84,7 +84,7 @@ def run_demo(
         config = MarketConfig(n_users=200, n_items=12, seed=3, run_tag=uuid.uuid4().hex[:8])
         market = Marketplace(config.ending_by(int(time.time() * 1000), n_events + n_decisions))
         published = publish_traffic(settings, market, n_events)
-        producer = KafkaProducer(bootstrap_servers=settings.bootstrap_servers)
+        producer = kafka_clients.producer(settings)
         for raw in MALFORMED:
             producer.send(settings.events_topic, key=b"u1", value=raw)
         producer.flush()
@@ -166,11 +166,10 @@ def _wait_for_leaders(settings: Settings, timeout_s: float = 30) -> None:
     Just created, they have none for a moment, and the traffic's producer would warn
     (``NotLeaderForPartitionError``, retrying) in the middle of the demo.
     """
-    from kafka import KafkaAdminClient
     from kafka.errors import KafkaTimeoutError
 
     topics = [settings.events_topic, settings.deadletter_topic, settings.propensity_log_topic]
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="loopwise")
+    admin = kafka_clients.admin(settings, client_id="loopwise")
     try:
         admin.wait_for_topics(topics, timeout_ms=int(timeout_s * 1000))
     except KafkaTimeoutError as exc:  # the producer retries until they have one

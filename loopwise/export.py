@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 
 import orjson
-from kafka import KafkaConsumer, TopicPartition
+from kafka import TopicPartition
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -49,6 +49,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.learners.log_record import FIELD_KINDS, FIELDS
 
@@ -421,8 +422,8 @@ class _Reader:
     def __init__(self, settings: Settings, log_range: LogRange, chunk: int) -> None:
         self.topic = settings.propensity_log_topic
         self.chunk = max(1, chunk)
-        self.consumer = KafkaConsumer(
-            bootstrap_servers=settings.bootstrap_servers,
+        self.consumer = kafka_clients.consumer(
+            settings,
             client_id="loopwise-export",
             group_id=None,
             enable_auto_commit=False,

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 from kafka import KafkaProducer
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.streams.decoding import Event, Rejection, decode
 
@@ -65,7 +66,13 @@ class EventPublisher:
 
     @classmethod
     def from_settings(cls, settings: Settings, **producer_config: Any) -> EventPublisher:
-        return cls(settings.bootstrap_servers, settings.events_topic, **producer_config)
+        """A publisher on the settings' broker, events topic and Kafka security settings."""
+        kafka_clients.refuse_owned(producer_config, "EventPublisher.from_settings")
+        kafka_clients.check_access(settings)
+        config = kafka_clients.kafka_python_config(settings)
+        return cls(
+            config.pop("bootstrap_servers"), settings.events_topic, **config, **producer_config
+        )
 
     def send(self, event: dict[str, Any]) -> None:
         """Validate and enqueue one event (sent in the background; ``flush`` waits)."""

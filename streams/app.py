@@ -30,6 +30,7 @@ import faust
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.learners.arms import ArmAssigner
 from loopwise.redis_clients import redis_client
@@ -67,7 +68,7 @@ def build_app(
     """
     app = faust.App(
         settings.app_id,
-        broker="kafka://" + settings.bootstrap_servers.replace(",", ";kafka://"),
+        **kafka_clients.faust_broker_config(settings),  # broker and broker_credentials
         store="memory://",
         autodiscover=False,
         web_enabled=False,

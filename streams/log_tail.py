@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.learners.log_record import LogRecord, LogRecordError
 
 
 async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> set[str]:
     """decision_ids of the last ``n`` records of partition ``partition`` of the log topic."""
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers, enable_auto_commit=False, group_id=None
-    )
+    consumer = kafka_clients.aio_consumer(settings, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
         tp = TopicPartition(settings.propensity_log_topic, partition)

@@ -59,11 +59,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
-from kafka import KafkaAdminClient, KafkaConsumer
 from kafka import TopicPartition as SyncTopicPartition
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
@@ -154,8 +154,8 @@ class RebuildReport:
 def committed_offsets(settings: Settings) -> dict[int, int]:
     """The worker group's committed offset per events partition (partitions without one are
     left out; an events topic that does not exist has none)."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+    consumer = kafka_clients.consumer(
+        settings,
         client_id="loopwise-offsets",
         group_id=settings.app_id,
         enable_auto_commit=False,
@@ -177,7 +177,7 @@ def committed_offsets(settings: Settings) -> dict[int, int]:
 
 def group_members(settings: Settings) -> int:
     """How many consumers the worker group has right now (a running worker has one)."""
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="loopwise")
+    admin = kafka_clients.admin(settings, client_id="loopwise")
     try:
         described = admin.describe_groups([settings.app_id])
     finally:
@@ -252,8 +252,8 @@ async def _replay(
         report.deadletters_dropped += len(records)  # on the dead-letter topic already
 
     pipeline = Pipeline(settings, store, Checkpoint(store, drop_deadletters), Catalog())
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.bootstrap_servers,
+    consumer = kafka_clients.aio_consumer(
+        settings,
         client_id="loopwise-rebuild",
         group_id=None,
         enable_auto_commit=False,

@@ -5,10 +5,10 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from kafka import KafkaAdminClient
 from kafka.admin import NewTopic
 from kafka.errors import TopicAlreadyExistsError
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 
 log = logging.getLogger("loopwise.topics")
@@ -20,9 +20,7 @@ def ensure_topics(settings: Settings) -> None:
     The events topic is keyed by user_id and has ``topic_partitions`` partitions;
     existing topics are left as they are.
     """
-    admin = KafkaAdminClient(
-        bootstrap_servers=settings.bootstrap_servers, client_id="loopwise-admin"
-    )
+    admin = kafka_clients.admin(settings, client_id="loopwise-admin")
     try:
         existing = set(admin.list_topics())
         wanted = [settings.events_topic, settings.deadletter_topic, settings.propensity_log_topic]

@@ -19,10 +19,10 @@ from collections.abc import Sequence
 from typing import IO, Any
 
 import faust
-from kafka import KafkaAdminClient
 from kafka.errors import KafkaError
 from prometheus_client import start_http_server
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.redis_clients import redis_client
 from loopwise.streams.app import build_app
@@ -167,7 +167,7 @@ def _wait_for_group_coordinator(settings: Settings, timeout_s: float = 30) -> No
     "not available" until then; Faust's consumer would log that answer as an ERROR on every
     first start. Past ``timeout_s``, or on any other answer, Faust's own retries take over.
     """
-    admin = KafkaAdminClient(bootstrap_servers=settings.bootstrap_servers, client_id="loopwise")
+    admin = kafka_clients.admin(settings, client_id="loopwise")
     deadline = time.monotonic() + timeout_s
     try:
         while True:

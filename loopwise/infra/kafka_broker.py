@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import hashlib
+import ipaddress
 import logging
 import os
 import re
@@ -21,7 +23,7 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 log = logging.getLogger("loopwise.infra")
@@ -30,6 +32,12 @@ log = logging.getLogger("loopwise.infra")
 DEPENDENCY_PLUGIN_VERSION = "3.8.1"
 _LOG4J = "org.apache.logging.log4j"
 _ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+#: SCRAM users: names and passwords go into ``--add-scram 'MECH=[name=N,password=P]'`` and a
+#: JAAS line in server.properties, so characters those syntaxes give a meaning are refused.
+_SCRAM_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_SCRAM_PASSWORD = re.compile(r"[A-Za-z0-9._~!@#$%^&*()+:;?/|{}<>-]{1,128}")
+#: The SASL mechanisms of the SASL_SSL listener; every user exists for each of them.
+SASL_MECHANISMS = ("SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN")
 
 
 class InfraError(RuntimeError):
@@ -121,6 +129,15 @@ class KafkaBroker:
     the tests can all call them without first asking what state things are in.
 
     ``cache_dir`` is the root of the jar cache; jars live in ``cache_dir/{version}/libs``.
+
+    By default the broker has one PLAINTEXT listener (``port``). With ``sasl_ssl_port`` it also
+    has a SASL_SSL listener there: TLS with a certificate of a local CA made with ``openssl``
+    in ``tls_dir`` (default ``state_dir/tls``: ``ca.pem`` for clients, the broker's PKCS12
+    keystore and truststore, and a client certificate ``client.pem``/``client.key``), and SASL
+    with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN for each of ``scram_users`` (name ->
+    password). The SCRAM credentials are created by Kafka's own ``StorageTool format
+    --add-scram`` when the storage is first formatted. ``require_client_cert`` makes that
+    listener refuse clients without a certificate signed by the CA (mutual TLS).
     """
 
     def __init__(
@@ -133,10 +150,32 @@ class KafkaBroker:
         state_dir: Path,
         cache_dir: Path | None = None,
         heap: str = "512M",
+        sasl_ssl_port: int | None = None,
+        scram_users: Mapping[str, str] | None = None,
+        tls_dir: Path | None = None,
+        require_client_cert: bool = False,
     ) -> None:
         logging_dependencies(version)  # reject an unsupported version now, not at start
         if port == controller_port:
             raise InfraError(f"Kafka port and controller port must differ (both are {port})")
+        if sasl_ssl_port is not None and sasl_ssl_port in (port, controller_port):
+            raise InfraError(
+                f"the SASL_SSL port must differ from the Kafka and controller ports "
+                f"({sasl_ssl_port})"
+            )
+        users = dict(scram_users or {})
+        if sasl_ssl_port is None and (users or tls_dir is not None or require_client_cert):
+            raise InfraError("scram_users, tls_dir and require_client_cert need a sasl_ssl_port")
+        if sasl_ssl_port is not None and not users:
+            raise InfraError("a SASL_SSL listener needs at least one user in scram_users")
+        for name, password in users.items():
+            if not _SCRAM_NAME.fullmatch(name):
+                raise InfraError(f"SCRAM user name {name!r}: use 1-64 of A-Z a-z 0-9 . _ -")
+            if not _SCRAM_PASSWORD.fullmatch(password):
+                raise InfraError(
+                    f"the password of SCRAM user {name!r}: use 1-128 letters, digits and "
+                    "punctuation other than quotes, backslash, comma, = and brackets"
+                )
         self.version = version
         self.host = host
         self.port = port
@@ -144,6 +183,10 @@ class KafkaBroker:
         self.state_dir = Path(state_dir).absolute()
         self.cache_dir = Path(cache_dir).absolute() if cache_dir else default_cache_dir()
         self.heap = heap
+        self.sasl_ssl_port = sasl_ssl_port
+        self.scram_users = users
+        self.tls_dir = Path(tls_dir).absolute() if tls_dir else self.state_dir / "tls"
+        self.require_client_cert = require_client_cert
 
     def __repr__(self) -> str:
         return (
@@ -155,6 +198,28 @@ class KafkaBroker:
     @property
     def bootstrap_servers(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def sasl_ssl_bootstrap_servers(self) -> str:
+        """``host:port`` of the SASL_SSL listener (an error when the broker has none)."""
+        if self.sasl_ssl_port is None:
+            raise InfraError("this broker has no SASL_SSL listener (no sasl_ssl_port)")
+        return f"{self.host}:{self.sasl_ssl_port}"
+
+    @property
+    def ca_file(self) -> Path:
+        """PEM certificate of the local CA that signed the broker's (``kafka_ssl_cafile``)."""
+        return self.tls_dir / "ca.pem"
+
+    @property
+    def client_cert_file(self) -> Path:
+        """PEM client certificate signed by the local CA (``kafka_ssl_certfile``)."""
+        return self.tls_dir / "client.pem"
+
+    @property
+    def client_key_file(self) -> Path:
+        """Unencrypted PEM key of :attr:`client_cert_file` (``kafka_ssl_keyfile``)."""
+        return self.tls_dir / "client.key"
 
     @property
     def jars_dir(self) -> Path:
@@ -266,7 +331,10 @@ class KafkaBroker:
             if stale is not None:  # ours, alive, but not listening: hung or half started
                 log.warning("Kafka pid %d does not accept connections; restarting it", stale)
                 self._stop_unlocked(timeout=30)
-            for port in (self.port, self.controller_port):
+            ports = [self.port, self.controller_port]
+            if self.sasl_ssl_port is not None:
+                ports.append(self.sasl_ssl_port)
+            for port in ports:
                 if port_open(self.host, port):
                     raise InfraError(
                         f"{self.host}:{port} is already in use by a process that is not the Kafka "
@@ -275,6 +343,8 @@ class KafkaBroker:
                     )
             java = find_java()
             libs = self.ensure_jars()
+            if self.sasl_ssl_port is not None:
+                self._ensure_tls(java)
             self._write_config()
             self._format_storage(java, libs)
             log.info("starting Kafka %s on %s...", self.version, self.bootstrap_servers)
@@ -340,16 +410,24 @@ class KafkaBroker:
     def _write_config(self) -> None:
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         h, p, c = self.host, self.port, self.controller_port
+        listeners = f"PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}"
+        protocols = "CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT"
+        if self.sasl_ssl_port is not None:
+            listeners += f",SASL_SSL://{h}:{self.sasl_ssl_port}"
+            protocols += ",SASL_SSL:SASL_SSL"
+        # The SASL_SSL listener holds passwords: nobody else may read the file.
+        self.server_properties.touch(mode=0o600, exist_ok=True)
+        self.server_properties.chmod(0o600)
         self.server_properties.write_text(
             "# Written by loopwise.infra on every start; edits are overwritten.\n"
             "process.roles=broker,controller\n"
             "node.id=1\n"
             f"controller.quorum.bootstrap.servers={h}:{c}\n"
-            f"listeners=PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}\n"
-            f"advertised.listeners=PLAINTEXT://{h}:{p},CONTROLLER://{h}:{c}\n"
+            f"listeners={listeners}\n"
+            f"advertised.listeners={listeners}\n"
             "inter.broker.listener.name=PLAINTEXT\n"
             "controller.listener.names=CONTROLLER\n"
-            "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT\n"
+            f"listener.security.protocol.map={protocols}\n"
             f"log.dirs={self.data_dir}\n"
             "num.partitions=1\n"
             "offsets.topic.replication.factor=1\n"
@@ -358,7 +436,7 @@ class KafkaBroker:
             "transaction.state.log.min.isr=1\n"
             "share.coordinator.state.topic.replication.factor=1\n"
             "share.coordinator.state.topic.min.isr=1\n"
-            "group.initial.rebalance.delay.ms=0\n"
+            "group.initial.rebalance.delay.ms=0\n" + self._sasl_ssl_config()
         )
         if self._legacy_logging:
             self._logging_config.write_text(
@@ -384,9 +462,141 @@ class KafkaBroker:
                 "        - ref: F\n"
             )
 
+    def _sasl_ssl_config(self) -> str:
+        """server.properties lines of the SASL_SSL listener ("" without one)."""
+        if self.sasl_ssl_port is None:
+            return ""
+        password = self._store_password()
+        scram = "org.apache.kafka.common.security.scram.ScramLoginModule required;"
+        plain_users = " ".join(f'user_{n}="{pw}"' for n, pw in sorted(self.scram_users.items()))
+        plain = f"org.apache.kafka.common.security.plain.PlainLoginModule required {plain_users};"
+        return (
+            f"sasl.enabled.mechanisms={','.join(SASL_MECHANISMS)}\n"
+            f"listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config={scram}\n"
+            f"listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config={scram}\n"
+            f"listener.name.sasl_ssl.plain.sasl.jaas.config={plain}\n"
+            "ssl.keystore.type=PKCS12\n"
+            f"ssl.keystore.location={self.tls_dir / 'broker.p12'}\n"
+            f"ssl.keystore.password={password}\n"
+            f"ssl.key.password={password}\n"
+            "ssl.truststore.type=PKCS12\n"
+            f"ssl.truststore.location={self.tls_dir / 'truststore.p12'}\n"
+            f"ssl.truststore.password={password}\n"
+            # Only the listener-prefixed form applies to a SASL_SSL listener (KIP-684).
+            "listener.name.sasl_ssl.ssl.client.auth="
+            f"{'required' if self.require_client_cert else 'none'}\n"
+        )
+
+    def _store_password(self) -> str:
+        """The password of the broker's keystore and truststore, made once per ``tls_dir``."""
+        path = self.tls_dir / "store.password"
+        if not path.is_file():
+            self.tls_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path.touch(mode=0o600)
+            path.write_text(base64.urlsafe_b64encode(os.urandom(18)).decode("ascii") + "\n")
+        return path.read_text().strip()
+
+    def _ensure_tls(self, java: str) -> None:
+        """A local CA, the broker's certificate (for ``host``, ``localhost`` and 127.0.0.1) in
+        a PKCS12 keystore, a PKCS12 truststore holding the CA, and a client certificate; made
+        with ``openssl`` (and Java's ``keytool`` for the truststore) once per ``tls_dir``."""
+        d = self.tls_dir
+        names = ["DNS:localhost", "IP:127.0.0.1"]
+        try:
+            ipaddress.ip_address(self.host)
+            own = f"IP:{self.host}"
+        except ValueError:
+            own = f"DNS:{self.host}"
+        if own not in names:
+            names.append(own)
+        san = ",".join(names)
+        wanted = ("broker.p12", "truststore.p12", "ca.pem", "client.pem", "client.key")
+        marker = d / "broker.san"
+        made = all((d / f).is_file() for f in wanted) and marker.is_file()
+        if made and marker.read_text().strip() == san:
+            return
+        openssl = shutil.which("openssl")
+        if openssl is None:
+            raise InfraError(
+                "openssl not found on PATH: it makes the certificates of the SASL_SSL listener "
+                "(Debian: apt-get install openssl)"
+            )
+        keytool = Path(java).resolve().parent / "keytool"
+        if not keytool.is_file():
+            found = shutil.which("keytool")
+            if found is None:
+                raise InfraError(
+                    f"keytool not found beside {java} nor on PATH (it comes with Java)"
+                )
+            keytool = Path(found)
+        log.info("making a local CA and certificates for the SASL_SSL listener in %s", d)
+        d.mkdir(mode=0o700, parents=True, exist_ok=True)
+        password = self._store_password()
+        ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+        run = _run_tool
+        run(
+            [openssl, "req", "-x509", *ec, "-keyout", d / "ca.key", "-out", d / "ca.pem",
+             "-days", "3650", "-subj", "/CN=Loopwise local CA",
+             "-addext", "basicConstraints=critical,CA:TRUE",
+             "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+            "making the local CA",
+        )  # fmt: skip
+        for who, cn, usage, alt in (
+            ("broker", "localhost", "serverAuth", f"subjectAltName={san}\n"),
+            ("client", "loopwise-client", "clientAuth", ""),
+        ):
+            (d / f"{who}.ext").write_text(
+                f"basicConstraints=CA:FALSE\nextendedKeyUsage={usage}\n{alt}"
+            )
+            run(
+                [openssl, "req", *ec, "-keyout", d / f"{who}.key", "-out", d / f"{who}.csr",
+                 "-subj", f"/CN={cn}"],
+                f"making the {who} key",
+            )  # fmt: skip
+            run(
+                [openssl, "x509", "-req", "-in", d / f"{who}.csr", "-CA", d / "ca.pem",
+                 "-CAkey", d / "ca.key", "-set_serial", str(int.from_bytes(os.urandom(8), "big")),
+                 "-days", "3650", "-extfile", d / f"{who}.ext", "-out", d / f"{who}.pem"],
+                f"signing the {who} certificate",
+            )  # fmt: skip
+        (d / "broker.p12").unlink(missing_ok=True)
+        run(
+            [openssl, "pkcs12", "-export", "-in", d / "broker.pem", "-inkey", d / "broker.key",
+             "-certfile", d / "ca.pem", "-name", "broker", "-out", d / "broker.p12",
+             "-passout", "env:LW_KAFKA_STORE_PASSWORD"],
+            "writing the broker's PKCS12 keystore",
+            password,
+        )  # fmt: skip
+        (d / "truststore.p12").unlink(missing_ok=True)
+        run(
+            [keytool, "-importcert", "-noprompt", "-alias", "loopwise-local-ca",
+             "-file", d / "ca.pem", "-keystore", d / "truststore.p12", "-storetype", "PKCS12",
+             "-storepass:env", "LW_KAFKA_STORE_PASSWORD"],
+            "writing the broker's PKCS12 truststore",
+            password,
+        )  # fmt: skip
+        for path in d.iterdir():
+            path.chmod(0o600)
+        marker.write_text(san + "\n")
+
+    def _users_digest(self) -> str:
+        text = "\n".join(f"{n}\0{pw}" for n, pw in sorted(self.scram_users.items()))
+        return hashlib.sha256(text.encode()).hexdigest()
+
     def _format_storage(self, java: str, libs: Path) -> None:
-        """Format the KRaft log dir once; a formatted dir (``meta.properties``) is left alone."""
+        """Format the KRaft log dir once; a formatted dir (``meta.properties``) is left alone.
+
+        SCRAM users are created by this format only: a formatted dir whose users differ from
+        ``scram_users`` is an error (it would silently keep the old ones)."""
+        users_file = self.state_dir / "scram-users.sha256"
         if (self.data_dir / "meta.properties").is_file():
+            had = users_file.read_text().strip() if users_file.is_file() else ""
+            if self.scram_users and had != self._users_digest():
+                raise InfraError(
+                    f"the Kafka storage in {self.data_dir} was formatted with other SCRAM users "
+                    f"than {sorted(self.scram_users)}; users are created when the storage is "
+                    f"formatted: delete {self.state_dir} (and its topics) to format it again"
+                )
             return
         cluster_id = new_cluster_id()
         log.info("formatting Kafka storage in %s (cluster id %s)", self.data_dir, cluster_id)
@@ -404,12 +614,20 @@ class KafkaBroker:
             str(self.server_properties),
             "--standalone",
         ]
+        for name, password in sorted(self.scram_users.items()):
+            for mechanism in ("SCRAM-SHA-256", "SCRAM-SHA-512"):
+                argv += ["--add-scram", f"{mechanism}=[name={name},password={password}]"]
         result = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
         if result.returncode != 0:
+            output = result.stdout + result.stderr
+            for password in self.scram_users.values():
+                output = output.replace(password, "<hidden>")
             raise InfraError(
                 f"formatting Kafka storage in {self.data_dir} failed (exit code "
-                f"{result.returncode}):\n{_last_lines(result.stdout + result.stderr, 30)}"
+                f"{result.returncode}):\n{_last_lines(output, 30)}"
             )
+        if self.scram_users:
+            users_file.write_text(self._users_digest() + "\n")
 
     def _wait_ready(self, pid: int, deadline: float, timeout: float) -> None:
         """Wait for a real metadata answer: an open port alone comes before the broker serves."""
@@ -420,7 +638,9 @@ class KafkaBroker:
         while True:
             if not process_alive(pid):
                 raise InfraError(f"Kafka exited during startup. {self._log_tails()}")
-            if port_open(self.host, self.port):
+            if port_open(self.host, self.port) and (
+                self.sasl_ssl_port is None or port_open(self.host, self.sasl_ssl_port)
+            ):
                 remaining = max(1.0, deadline - time.monotonic())
                 try:
                     if self._answers_metadata(min(remaining, 10.0)):
@@ -455,6 +675,26 @@ class KafkaBroker:
             f"Last lines of {self.server_log}:\n{tail(self.server_log, 30)}\n"
             f"Last lines of {self.logs_dir / 'stdout.log'}:\n"
             f"{tail(self.logs_dir / 'stdout.log', 15)}"
+        )
+
+
+def _run_tool(argv: list[str | Path], what: str, store_password: str | None = None) -> None:
+    """Run openssl or keytool; an :class:`InfraError` with its output when it fails. The
+    store password goes through the environment, never the command line."""
+    env = dict(os.environ)
+    if store_password is not None:
+        env["LW_KAFKA_STORE_PASSWORD"] = store_password
+    try:
+        result = subprocess.run(
+            [str(a) for a in argv], capture_output=True, text=True, timeout=120, env=env,
+            check=False,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise InfraError(f"{what} failed: {exc}") from exc
+    if result.returncode != 0:
+        raise InfraError(
+            f"{what} failed (exit code {result.returncode}, {Path(str(argv[0])).name}):\n"
+            f"{_last_lines(result.stdout + result.stderr, 20)}"
         )
 
 
