@@ -91,7 +91,7 @@ from typing import Any, Final
 
 import orjson
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -103,6 +103,7 @@ from rich.progress import (
 from rich.table import Table
 
 from bench.bench_soak import whole_ms_gap
+from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.infra.kafka_broker import port_open
@@ -248,8 +249,8 @@ def apps(
 ) -> None:
     """Organic traffic at ``--rate`` with malformed messages, duplicates and the specials."""
     rng = random.Random(args.seed + 1)
-    producer = KafkaProducer(
-        bootstrap_servers=settings.bootstrap_servers,
+    producer = kafka_clients.producer(
+        settings,
         acks="all",
         linger_ms=5,
         max_request_size=2_000_000,
@@ -589,8 +590,8 @@ def read_topic_all(
     s: Settings, topic: str, progress: Progress | None = None
 ) -> dict[int, list[tuple[int, bytes | None, bytes | None]]]:
     """Every message of ``topic`` per partition: (offset, key, value), in offset order."""
-    consumer = KafkaConsumer(
-        bootstrap_servers=s.bootstrap_servers,
+    consumer = kafka_clients.consumer(
+        s,
         enable_auto_commit=False,
         group_id=None,
         max_partition_fetch_bytes=4 * 1024 * 1024,
@@ -625,7 +626,7 @@ def read_topic_all(
 
 
 def log_end_offsets(s: Settings) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None)
+    consumer = kafka_clients.consumer(s, group_id=None)
     try:
         tps = [
             TopicPartition(s.propensity_log_topic, p)
@@ -1239,7 +1240,7 @@ def inject_faults(
     struck = progress.add_task("faults", total=len(faults), info="")
     pending = list(faults)
     done: list[Fault] = []
-    forger = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+    forger = kafka_clients.producer(s, acks="all")
     aof = AofTail(local.redis.data_dir)
     try:
         while pending or not (sent.apps_done and sent.serving_done):
