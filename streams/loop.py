@@ -21,7 +21,7 @@ the default. A timer tick does (3) and the default only.
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -40,6 +40,7 @@ from loopwise.streams.user_state import UserState
 log = logging.getLogger("loopwise.loop")
 
 LATEST_DECISIONS_KEPT = 200_000  # users whose latest decision id the loop remembers
+REPLACED_KEPT = 1_000_000  # replaced decisions the loop deletes itself when due
 
 
 class LearningLoop:
@@ -56,6 +57,10 @@ class LearningLoop:
         # user -> their latest decision's id, so that it expires soon once replaced (bounded:
         # a user beyond it keeps their old decisions for the full TTL, nothing worse).
         self._latest: OrderedDict[str, str] = OrderedDict()
+        # Replaced decisions, oldest first, with the wall-clock ms at which they are deleted:
+        # their TTL would remove them too, but Redis reclaims expired keys lazily (by
+        # sampling), so at ~1,000 replaced decisions a second many linger past their TTL.
+        self._replaced: deque[tuple[int, str]] = deque()
         # When the catalog's item versions were last checked for writing (see _item_versions).
         self._versions_checked: tuple[int, float] = (-1, float("-inf"))
 
@@ -129,6 +134,7 @@ class LearningLoop:
             if event.raw.get("context"):
                 latest_context[event.user_id or ""] = event.raw["context"]
         decided = [(user_id, state) for user_id, state in states.items() if state is not None]
+        replaced_ttl_ms = self.settings.superseded_decision_ttl_s * 1000
         for user_id, state in decided:
             context = latest_context.get(user_id, {})
             decision = self.maker.decide(user_id, state, context, actions, now_ms)
@@ -136,10 +142,12 @@ class LearningLoop:
             previous = self._remember(user_id, decision.decision_id)
             if previous is not None:
                 plan.decisions_superseded.append(previous)
+                self._replaced.append((now_ms + replaced_ttl_ms, previous))
             plan.nba_set[user_id] = nba_json(
                 decision, {"last_event_id": latest_event.get(user_id, "")}
             )
         plan.counters["decisions_made"] += len(decided)
+        self._delete_replaced(plan, now_ms)
         if decided:
             self._item_versions(plan, actions, now_ms / 1000)
         plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
@@ -217,6 +225,15 @@ class LearningLoop:
         )
         plan.counters["log_records_too_large"] += 1
 
+    def _delete_replaced(self, plan: BatchPlan, now_ms: int) -> None:
+        """Delete the replaced decisions whose showable time is over (bounded: past
+        ``REPLACED_KEPT`` the oldest are left to their TTL)."""
+        replaced = self._replaced
+        while len(replaced) > REPLACED_KEPT:
+            replaced.popleft()
+        while replaced and replaced[0][0] <= now_ms:
+            plan.decisions_removed.append(replaced.popleft()[1])
+
     def _remember(self, user_id: str, decision_id: str) -> str | None:
         latest = self._latest
         previous = latest.pop(user_id, None)
@@ -230,6 +247,7 @@ class LearningLoop:
         changes = JoinChanges()
         self.join.close_due(now_ms, changes)
         self._plan_join(plan, changes)
+        self._delete_replaced(plan, now_ms)
         if self.catalog.actions:
             plan.default_nba = nba_json(self.maker.default_decision(self.catalog.actions, now_ms))
 

@@ -308,6 +308,24 @@ def test_a_forgotten_users_latest_decision_is_deleted() -> None:
     assert not plan.decisions_set
 
 
+def test_a_replaced_decision_is_deleted_once_its_showable_time_is_over() -> None:
+    """Not left to Redis's lazy expiry: the loop deletes it when superseded_decision_ttl_s
+    has passed, in a batch or a tick."""
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
+    ttl_ms = loop.settings.superseded_decision_ttl_s * 1000
+    states: dict[str, UserState | None] = {"u1": UserState()}
+    first, second = BatchPlan(), BatchPlan()
+    loop.plan(first, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=1_000)
+    loop.plan(second, [(ev("view", 2), 0)], states, Inputs(), now_ms=2_000)
+    [replaced] = first.decisions_set
+    assert second.decisions_superseded == [replaced] and replaced not in second.decisions_removed
+    early, due = BatchPlan(), BatchPlan()
+    loop.plan_tick(early, now_ms=2_000 + ttl_ms - 1)
+    assert replaced not in early.decisions_removed
+    loop.plan_tick(due, now_ms=2_000 + ttl_ms)
+    assert due.decisions_removed == [replaced]
+
+
 def test_loop_drops_a_withdrawn_users_open_decisions_unlogged() -> None:
     loop = loop_with(catalog_of(("i1", {})))
     opened = OpenDecision(stored_decision("d1", "u1", "i1"), 100, 0, {}, partition=2)
