@@ -196,7 +196,7 @@ class LearningLoop:
     def _item_versions(self, plan: BatchPlan, actions: list[Action], now_s: float) -> None:
         """Stored decisions name their candidates by item version; the ``itemv:`` keys hold
         the versions' features for twice a decision's lifetime, written when a version is new
-        to this worker and again once it is older than one lifetime (so every decision's
+        to this worker and again once it is older than half a lifetime (so every decision's
         versions outlive it). Checked when the catalog changed, else at most every minute."""
         ttl = self.settings.decision_ttl_s
         version, checked_at = self._versions_checked

@@ -204,7 +204,9 @@ class RewardJoin:
         """
         watermarks = self.watermarks
         for event, partition in events:
-            if event.timestamp > watermarks.get(partition, 0):
+            # A forget is dated when it was asked for, not in the stream's event time: during
+            # a catch-up it must not close the partition's decisions early.
+            if event.timestamp > watermarks.get(partition, 0) and event.type != "forget":
                 watermarks[partition] = event.timestamp
             if not event.consent:
                 assert event.user_id is not None

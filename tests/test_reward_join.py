@@ -161,3 +161,13 @@ def test_a_partition_running_ahead_closes_nothing_on_the_others() -> None:
     c = run(join, [(ev("view", 100 + WINDOW + 1, item="i9")[0], 0)], {})  # its own partition
     assert [o.decision.decision_id for o in c.closed] == ["d1"]
     assert join.record(c.closed[0]).reward == 1.0
+
+
+def test_a_forget_does_not_move_the_watermark() -> None:
+    """A forget is dated when it was asked for: during a catch-up it must not close the
+    partition's open decisions early."""
+    join = RewardJoin(WINDOW, RewardRule())
+    run(join, [ev("view", 100, decision_id="d1", propensity=0.75)], {"d1": decision()})
+    forget = Event("f1", "forget", "u9", "", 10_000_000, {"type": "forget"}), 0
+    changes = run(join, [forget], {})
+    assert not changes.closed and set(join.open) == {"d1"}
