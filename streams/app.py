@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import faust
+from faust.transport.drivers import aiokafka as faust_aiokafka
 from prometheus_client import Counter as PromCounter
 from prometheus_client import Histogram
 
@@ -54,6 +55,20 @@ LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned"
 
 def _reraise(exc: RedisDataLost) -> None:
     raise exc
+
+
+class IdempotentProducer(faust_aiokafka.Producer):
+    """Faust's aiokafka producer with Kafka's idempotence on (faust-streaming enables it only
+    inside transactions). Without it, a produce request whose acknowledgement a broker crash
+    swallowed is retried by aiokafka and written twice: a propensity-log record logged twice
+    (seen in ``tests/test_loop_faults_integration.py``, broker kill -9). With it, the broker
+    drops the retried copy (producer id + sequence number)."""
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
+
+
+faust_aiokafka.Transport.Producer = IdempotentProducer  # the worker's only Kafka transport
 
 
 def build_app(
