@@ -113,18 +113,13 @@ class Decision:
     ) -> Decision | None:
         """The decision of a stored form (:meth:`to_json`, parsed); ``resolve(item_id, version)``
         gives an action's ``{"id", "features"}`` record. None when a version is unknown."""
-        fields = dict(stored)
-        actions = fields.get("actions") or []
-        if actions and isinstance(actions[0], dict):  # stored before decisions held references
-            return cls(**fields)
-        records = []
-        for item_id, version in cls.references(stored):
-            record = resolve(item_id, version)
-            if record is None:
-                return None
-            records.append(record)
-        fields["actions"] = records
-        return cls(**fields)
+        refs = cls.references(stored)
+        if not refs:  # stored before decisions held references: the features are inline
+            return cls(**stored)
+        records = [resolve(item_id, version) for item_id, version in refs]
+        if any(record is None for record in records):
+            return None
+        return cls(**{**stored, "actions": records})
 
 
 @dataclass(slots=True)
