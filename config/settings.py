@@ -239,7 +239,16 @@ class Settings(BaseSettings):
         "(out_of_range, timestamp): a producer's clock cannot close decisions early",
     )
     dedupe_window_s: int = Field(
-        86_400, ge=60, description="an event_id seen within this many seconds is a duplicate"
+        3_600,
+        ge=60,
+        description="an event_id applied within this many seconds is a duplicate when sent "
+        "again (redelivered messages are recognised by offset, whatever their age); Redis "
+        "keeps ~56 bytes per event for one to two windows",
+    )
+    recover_gaps: bool = Field(
+        True,
+        description="re-read offsets acked to Kafka that Redis does not hold (it lost its "
+        "last writes); turn off if you move the group's offsets forward on purpose",
     )
     recent_items: int = Field(20, ge=0, le=1000, description="how many last items to keep per user")
     affinity_half_life_ms: int = Field(

@@ -38,11 +38,11 @@ from loopwise.redis_clients import redis_client
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
-from loopwise.streams.errors import ERRORS, RedisDataLost, is_transient, retry
+from loopwise.streams.errors import ERRORS, PartitionGap, RedisDataLost, is_transient, retry
 from loopwise.streams.learner import Learner, build_policies
-from loopwise.streams.log_tail import decision_ids_at_tail
+from loopwise.streams.log_tail import decision_ids_at_tail, read_range
 from loopwise.streams.loop import LearningLoop
-from loopwise.streams.pipeline import Message, Pipeline
+from loopwise.streams.pipeline import BatchReport, Message, Pipeline
 from loopwise.streams.redis_store import Epoch, RedisStore
 from loopwise.streams.reward_join import RewardJoin, RewardRule
 
@@ -51,6 +51,9 @@ log = logging.getLogger("loopwise.worker")
 EVENTS = PromCounter("loopwise_events_total", "consumed events by outcome", ["outcome"])
 BATCH_SECONDS = Histogram("loopwise_batch_seconds", "time to apply one batch to Redis")
 LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned")
+GAP_MESSAGES = PromCounter(
+    "loopwise_gap_messages_total", "messages acked to Kafka that Redis lost, applied again"
+)
 
 
 def _reraise(exc: RedisDataLost) -> None:
@@ -154,6 +157,36 @@ def build_app(
             learner.load_snapshot(sync.hgetall(learner.key))
     pipeline = Pipeline(settings, store, checkpoint, catalog, loop)
 
+    async def recover(gap: PartitionGap) -> None:
+        """Read the offsets of a gap again and apply them (before the batch that found it)."""
+        log.warning("%s: reading them again", gap)
+        recovered = 0
+        async for records in read_range(
+            settings, gap.topic, gap.partition, gap.start, gap.end, settings.batch_size
+        ):
+            chunk = [Message(k, v, gap.topic, gap.partition, o) for k, v, o in records]
+            pipeline.skip_to(gap.partition, chunk[0].offset)
+            await pipeline.process_isolating(chunk, retry)
+            await retry(pipeline.publish, "publishing the outbox", transient_only=False)
+            recovered += len(chunk)
+        pipeline.skip_to(gap.partition, gap.end)  # the rest held no message
+        GAP_MESSAGES.inc(recovered)
+        log.warning(
+            "%s/%d: %d messages of offsets %d-%d applied again",
+            gap.topic,
+            gap.partition,
+            recovered,
+            gap.start,
+            gap.end - 1,
+        )
+
+    async def process(messages: list[Message]) -> BatchReport:
+        while True:
+            try:
+                return await pipeline.process_isolating(messages, retry)
+            except PartitionGap as gap:
+                await recover(gap)
+
     @app.agent(events_topic, concurrency=1)
     async def events(stream: Any) -> None:
         async for batch in stream.noack_take(settings.batch_size, settings.batch_within_s):
@@ -164,7 +197,7 @@ def build_app(
             started = time.perf_counter()
             async with lock:
                 try:
-                    report = await pipeline.process_isolating(messages, retry)
+                    report = await process(messages)
                 except RedisDataLost as exc:
                     on_data_lost(exc)
                     return  # the worker stops; this batch is never acked
@@ -223,6 +256,15 @@ def build_app(
             async with lock:
                 the_loop.disown(gone)
                 checkpoint.disown(gone)
+                pipeline.disown(gone)
+
+    else:
+
+        @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+        async def on_revoked_state_only(app: faust.App, revoked: Any, **_: Any) -> None:
+            gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
+            async with lock:
+                pipeline.disown(gone)
 
     return app
 

@@ -14,6 +14,10 @@
 - **Redis lost its data** (:class:`RedisDataLost`): neither. Retrying cannot bring the
   state back and no message is at fault, so nothing retries it, nothing bisects a batch
   over it: the worker stops without acking the batch (exit code 3) and says how to go on.
+- **A gap** (:class:`PartitionGap`): Redis holds a partition only up to an offset before
+  the batch (it lost its last writes: an ``appendfsync everysec`` AOF after a machine
+  crash). Not the input's either: the worker reads the missing offsets again, applies
+  them, and runs the batch again.
 """
 
 from __future__ import annotations
@@ -51,6 +55,18 @@ class RedisDataLost(Exception):
     where, for which consumer group, and the way out."""
 
 
+class PartitionGap(Exception):
+    """Offsets ``start`` to ``end - 1`` of an events partition were acked to Kafka but are
+    not in Redis (its position there is ``start``, the batch begins at ``end``)."""
+
+    def __init__(self, topic: str, partition: int, start: int, end: int) -> None:
+        super().__init__(
+            f"Redis holds {topic}/{partition} up to offset {start - 1}, the batch begins at "
+            f"{end}: offsets {start}-{end - 1} were acked to Kafka but are not in Redis"
+        )
+        self.topic, self.partition, self.start, self.end = topic, partition, start, end
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for a failure of Redis, Kafka or the network, which a later attempt may not see."""
     if isinstance(exc, _KAFKA_INPUT_ERRORS):
@@ -75,7 +91,7 @@ async def retry(work: Callable[[], Awaitable[T]], what: str, *, transient_only: 
             return await work()
         except asyncio.CancelledError:
             raise
-        except RedisDataLost:
+        except (RedisDataLost, PartitionGap):
             raise  # retrying cannot bring the data back
         except Exception as exc:
             if transient_only and not is_transient(exc):

@@ -20,7 +20,11 @@ anywhere replays the batch):
 A timer tick (:meth:`Pipeline.tick`) is steps 2-4 with no events: it closes
 decisions whose wall-clock window ended and refreshes ``nba:__default__``.
 A replayed batch counts its applied events as duplicates; nothing is applied
-twice.
+twice. Two marks say what was applied, both in the batch's transaction: each events
+partition's position (the next offset to apply: a redelivered message is recognised by its
+offset, for ever, at the cost of one hash field per partition) and each applied
+``event_id`` (an event its producer sent twice, at another offset, is recognised within
+``dedupe_window_s``).
 
 Errors split by kind (:mod:`loopwise.streams.errors`): a transient failure is
 retried with backoff; any other failure of a batch is the input's, and
@@ -43,7 +47,7 @@ from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
 from loopwise.streams.decoding import MAX_TIMESTAMP_MS, Event, Rejection, decode
-from loopwise.streams.errors import ERRORS, RedisDataLost
+from loopwise.streams.errors import ERRORS, PartitionGap, RedisDataLost
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.plan import BatchPlan, Inputs, Reads
 from loopwise.streams.redis_store import RedisStore
@@ -193,6 +197,67 @@ class Pipeline:
             affinity_half_life_ms=settings.affinity_half_life_ms,
             affinity_weights=dict(settings.affinity_weights),
         )
+        # Each partition's position (next offset to apply) as committed in Redis; read on the
+        # first batch of a partition, advanced by each commit, dropped on any failure.
+        self.held: dict[int, int] = {}
+        # The offset each partition's messages are applied from: ``held``, or beyond it
+        # where the log holds no message (:meth:`skip_to`).
+        self.positions: dict[int, int] = {}
+
+    def skip_to(self, partition: int, offset: int) -> None:
+        """Offsets before ``offset`` of ``partition`` are accounted for (read again after a
+        :class:`PartitionGap`: the log holds no message there, e.g. transaction markers)."""
+        self.positions[partition] = max(offset, self.positions.get(partition, -1))
+
+    def disown(self, partitions: set[int]) -> None:
+        """Forget the positions of partitions this worker no longer owns."""
+        for partition in partitions:
+            self.positions.pop(partition, None)
+            self.held.pop(partition, None)
+
+    async def _load_positions(self, messages: Sequence[Message]) -> None:
+        """The positions of the batch's partitions this worker has not loaded yet. Raises
+        :class:`PartitionGap` where the batch begins beyond the position Redis holds (with
+        ``recover_gaps``): offsets acked to Kafka that Redis lost, for the caller to read
+        again and apply first."""
+        unknown = {m.partition for m in messages} - self.held.keys()
+        if not unknown:
+            return
+        stored = await self.store.positions(unknown)
+        for partition in unknown:
+            held = self.held[partition] = stored.get(partition, -1)
+            self.positions[partition] = max(held, self.positions.get(partition, -1))
+        if self.settings.recover_gaps:
+            self._check_gaps(messages, {p: self.positions[p] for p in stored})
+
+    def _drop_positions(self) -> None:
+        self.positions.clear()
+        self.held.clear()
+
+    def _committed(self, positions: dict[int, int]) -> None:
+        self.held.update(positions)
+        self.positions.update(positions)
+
+    def _went_back(self, messages: Sequence[Message], stored: dict[int, int]) -> None:
+        """Raises :class:`PartitionGap` when Redis holds a partition up to an offset before
+        the one this worker committed there: it lost writes while the worker ran (a restart
+        from an AOF that missed its last second). Nothing of the batch is written; the
+        caller reads the lost offsets again."""
+        behind = {
+            p: stored[p]
+            for p in {m.partition for m in messages}
+            if p in stored and stored[p] < self.held[p]
+        }
+        if behind and self.settings.recover_gaps:
+            self._check_gaps(messages, behind)
+
+    def _check_gaps(self, messages: Sequence[Message], stored: dict[int, int]) -> None:
+        first: dict[int, int] = {}
+        for m in messages:
+            first.setdefault(m.partition, m.offset)
+        for partition, start in sorted(stored.items()):
+            if first[partition] > start:
+                raise PartitionGap(self.settings.events_topic, partition, start, first[partition])
 
     async def process(self, messages: Sequence[Message]) -> BatchReport:
         """Steps 1-4 up to the Redis transaction; on failure nothing of the batch is in Redis,
@@ -202,6 +267,7 @@ class Pipeline:
         except Exception:
             if self.loop is not None:
                 self.loop.forget_memory()  # its in-memory join ran ahead of Redis
+            self._drop_positions()  # did the transaction land? Redis says, next time
             raise
 
     async def process_isolating(self, messages: Sequence[Message], retry: Retry) -> BatchReport:
@@ -211,8 +277,8 @@ class Pipeline:
         what = f"batch of {len(messages)} messages"
         try:
             return await retry(lambda: self.process(messages), what)
-        except RedisDataLost:
-            raise  # not the input's: no message is to blame, the worker stops
+        except (RedisDataLost, PartitionGap):
+            raise  # not the input's: no message is to blame
         except Exception as exc:
             ERRORS.labels("input").inc()
             if len(messages) > 1:
@@ -222,7 +288,7 @@ class Pipeline:
                 return report.add(await self.process_isolating(messages[half:], retry))
             try:  # alone: once more, in case it was not the message's fault after all
                 return await retry(lambda: self.process(messages), what)
-            except RedisDataLost:
+            except (RedisDataLost, PartitionGap):
                 raise
             except Exception as again:
                 return await self._deadletter_failure(messages[0], again, retry)
@@ -239,9 +305,15 @@ class Pipeline:
         )
         counters = Counter({"consumed": 1, "deadlettered": 1, "deadletter:processing_error": 1})
         plan = BatchPlan(deadletters=[(message.key, record)], counters=counters)
+        plan.positions = {message.partition: message.offset + 1}
 
         async def commit() -> BatchReport:
-            await self.checkpoint.commit(plan)
+            try:
+                await self.checkpoint.commit(plan)
+            except Exception:
+                self._drop_positions()
+                raise
+            self._committed(plan.positions)
             return BatchReport(counters)
 
         return await retry(commit, f"dead letter of {where}")
@@ -271,10 +343,20 @@ class Pipeline:
     async def _process(self, messages: Sequence[Message]) -> BatchReport:
         settings = self.settings
         latest = int(time.time() * 1000) + settings.max_future_skew_ms
-        batch = triage(messages, settings.max_event_bytes, latest)
+        await self._load_positions(messages)
+        positions = self.positions
+        # Redeliveries (offsets before the partition's position) are duplicates: not decoded,
+        # not dead-lettered again.
+        new_messages = [m for m in messages if m.offset >= positions[m.partition]]
+        batch = triage(new_messages, settings.max_event_bytes, latest)
+        redelivered = len(messages) - len(new_messages)
+        if redelivered:
+            batch.counters.update(consumed=redelivered, duplicates=redelivered)
+            batch.counters["redelivered"] += redelivered
         events = batch.events
         reads = Reads(
             event_ids=[e.event_id for e in events],
+            positions=sorted({m.partition for m in messages}),
             users=sorted({e.user_id for e in events if e.user_id is not None and e.type != "item"}),
             items=self.catalog.unknown(
                 e.item_id for e in events if e.type not in ("item", "forget")
@@ -285,6 +367,7 @@ class Pipeline:
         if self.loop is not None:
             self.loop.reads(with_partitions, reads)
         inputs = await self.store.read(reads)
+        self._went_back(messages, inputs.positions)
         self._take_catalog(inputs)
         if self.loop is not None and inputs.decisions:
             missing = self.loop.missing_item_versions(inputs)
@@ -292,6 +375,9 @@ class Pipeline:
                 inputs.item_versions = dict(await self.store.item_versions(missing))
 
         plan = BatchPlan(deadletters=batch.deadletters, counters=batch.counters)
+        for m in messages:
+            if m.offset >= plan.positions.get(m.partition, -1):
+                plan.positions[m.partition] = m.offset + 1
         applied = inputs.applied
         new = [(e, p) for e, p in with_partitions if e.event_id not in applied]
         plan.counters["duplicates"] += len(events) - len(new)
@@ -309,6 +395,7 @@ class Pipeline:
             self.loop.plan(plan, fresh_with_partition, plan.users, inputs, now_ms)
         plan.counters["batches"] += 1
         await self.checkpoint.commit(plan)
+        self._committed(plan.positions)
         return BatchReport(plan.counters, fresh, set(plan.users))
 
     def _take_catalog(self, inputs: Inputs) -> None:

@@ -28,6 +28,7 @@ class Reads:
     """What a batch needs from Redis."""
 
     event_ids: list[str] = field(default_factory=list)  # applied already?
+    positions: list[int] = field(default_factory=list)  # events partitions: stored positions
     users: list[str] = field(default_factory=list)  # their state hashes
     decisions: list[str] = field(default_factory=list)  # stored decisions shown by views
     join_partitions: list[int] = field(default_factory=list)  # open decisions of new partitions
@@ -40,6 +41,7 @@ class Inputs:
     """What :class:`Reads` found (absent keys are absent here too)."""
 
     applied: set[str] = field(default_factory=set)
+    positions: dict[int, int] = field(default_factory=dict)  # partition -> next offset to apply
     states: dict[str, UserState] = field(default_factory=dict)
     forgotten: dict[str, int] = field(default_factory=dict)  # user -> event time of its forget
     decisions: dict[str, dict[str, Any]] = field(default_factory=dict)  # stored form, parsed
@@ -62,6 +64,8 @@ class BatchPlan:
     replaced: set[str] = field(default_factory=set)
     catalog: dict[str, bytes] = field(default_factory=dict)  # item_id -> features JSON
     applied_ids: list[str] = field(default_factory=list)  # idempotency marks
+    # events partition -> the next offset to apply (every offset before it is in Redis)
+    positions: dict[int, int] = field(default_factory=dict)
     forgotten: dict[str, int] = field(default_factory=dict)  # tombstones: user -> forget time
     counters: Counter[str] = field(default_factory=Counter)
     # the reward join, per events partition: open decisions written / removed
@@ -87,6 +91,7 @@ class BatchPlan:
             self.users
             or self.catalog
             or self.applied_ids
+            or self.positions
             or self.forgotten
             or any(self.counters.values())
             or self.join_set

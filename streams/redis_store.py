@@ -4,8 +4,11 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 
 - ``{p}user:{user_id}``      hash of :class:`loopwise.streams.user_state.UserState`
 - ``{p}catalog``             hash item_id → JSON features of the latest ``item`` event
-- ``{p}seen:{bucket}``       set of applied event_ids; a bucket spans ``dedupe_window_s``
-  of wall-clock time and lives two spans, so an id is remembered at least one span
+- ``{p}seen:{bucket}``       set of applied event_ids, each as a 12-byte BLAKE2b digest; a
+  bucket spans ``dedupe_window_s`` of wall-clock time and lives two spans, so an id is
+  remembered at least one span
+- ``{p}positions``           hash ``{topic}:{partition}`` -> the next offset to apply: every
+  message before it is in Redis (redeliveries are recognised by offset, for ever)
 - ``{p}stats``               hash of counters: consumed, accepted, duplicates,
   deadlettered, deadletter:{reason}, no_consent, batches, and the loop's
 - ``{p}join:{partition}``    hash decision_id → open decision (JSON), per events partition
@@ -19,8 +22,9 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 A batch reads once (:meth:`RedisStore.read`, one round trip) and writes once
 (:meth:`RedisStore.commit`, one MULTI/EXEC): user hashes, catalog entries,
 idempotency keys, counters, the join, decisions, next-best-actions and the
-outbox land together or not at all, so a redelivered batch finds its applied
-events marked seen and counts them as duplicates. The read-modify-write of
+outbox land together or not at all, with the partitions' positions, so a redelivered
+batch is recognised by its offsets (and any event sent twice by its ``event_id``) and
+counted as duplicates. The read-modify-write of
 user hashes assumes one writer per user, which the Kafka key (user_id) and one
 consumer per partition provide.
 
@@ -141,6 +145,19 @@ class RedisStore:
     def user_key(self, user_id: str) -> str:
         return self.settings.key("user", user_id)
 
+    def position_field(self, partition: int) -> str:
+        return f"{self.settings.events_topic}:{partition}"
+
+    async def positions(self, partitions: Iterable[int]) -> dict[int, int]:
+        """The stored position (next offset to apply) of each partition that has one."""
+        wanted = sorted(set(partitions))
+        if not wanted:
+            return {}
+        found = await self.client.hmget(
+            self.key("positions"), [self.position_field(p) for p in wanted]
+        )
+        return {p: int(v) for p, v in zip(wanted, found, strict=True) if v is not None}
+
     def _seen_keys(self, now_s: float) -> tuple[str, str]:
         bucket = int(now_s // self.settings.dedupe_window_s)
         return self.key("seen", str(bucket)), self.key("seen", str(bucket - 1))
@@ -156,6 +173,7 @@ class RedisStore:
         inputs = Inputs()
         if self.epoch is None and not (
             reads.event_ids
+            or reads.positions
             or reads.users
             or reads.decisions
             or reads.join_partitions
@@ -169,8 +187,11 @@ class RedisStore:
             if self.epoch is not None:
                 pipe.get(self.epoch_key)
             if reads.event_ids:
-                pipe.smismember(current, reads.event_ids)
-                pipe.smismember(previous, reads.event_ids)
+                digests = [event_digest(e) for e in reads.event_ids]
+                pipe.smismember(current, digests)
+                pipe.smismember(previous, digests)
+            if reads.positions:
+                pipe.hmget(self.key("positions"), [self.position_field(p) for p in reads.positions])
             for user_id in reads.users:
                 pipe.hgetall(self.user_key(user_id))
             if reads.users:
@@ -192,6 +213,10 @@ class RedisStore:
                 e
                 for e, a, b in zip(reads.event_ids, in_current, in_previous, strict=True)
                 if a or b
+            }
+        if reads.positions:
+            inputs.positions = {
+                p: int(v) for p, v in zip(reads.positions, next(replies), strict=True) if v
             }
         for user_id in reads.users:
             inputs.states[user_id] = UserState.from_hash(next(replies))
@@ -289,8 +314,11 @@ class RedisStore:
                 tombstones = {forgotten_field(u): t for u, t in plan.forgotten.items()}
                 pipe.hset(self.key("forgotten"), mapping=tombstones)  # type: ignore[arg-type]
             if plan.applied_ids:
-                pipe.sadd(current, *plan.applied_ids)
+                pipe.sadd(current, *(event_digest(e) for e in plan.applied_ids))
                 pipe.expire(current, 2 * settings.dedupe_window_s + 60)
+            if plan.positions:
+                positions = {self.position_field(p): o for p, o in plan.positions.items()}
+                pipe.hset(self.key("positions"), mapping=positions)  # type: ignore[arg-type]
             stats = self.key("stats")
             for name, value in plan.counters.items():
                 if value:
@@ -335,12 +363,14 @@ class RedisStore:
         self, counters: Iterable[str], counter_prefixes: Iterable[str]
     ) -> int:
         """Delete what ``loopwise rebuild`` recomputes: the epoch, every ``user:*``, the
-        ``catalog``, every ``seen:*`` and the given ``stats`` fields (``counters``, and those
-        starting with one of ``counter_prefixes``). The learning loop's keys stay. The number
-        of keys and fields deleted."""
+        ``catalog``, the ``positions``, every ``seen:*`` and the given ``stats`` fields
+        (``counters``, and those starting with one of ``counter_prefixes``). The learning
+        loop's keys stay. The number of keys and fields deleted."""
         client = self.client
         deleted = int(
-            await client.delete(self.epoch_key, self.key("catalog"), self.key("forgotten"))
+            await client.delete(
+                self.epoch_key, self.key("catalog"), self.key("forgotten"), self.key("positions")
+            )
         )
         for family in ("user", "seen"):
             pattern = _glob_escape(self.key(family, "")) + "*"
@@ -383,6 +413,13 @@ def _user_of(stored_decision: bytes | str) -> str | None:
     except (orjson.JSONDecodeError, AttributeError):
         return None
     return user if isinstance(user, str) else None
+
+
+def event_digest(event_id: str) -> bytes:
+    """How an applied ``event_id`` is remembered in ``seen:*``: 12 bytes of BLAKE2b (an id
+    of 36 characters costs Redis ~88 bytes as a set member, a digest ~56). Two ids of one
+    window share a digest with probability ~n²/2^97: 1e-12 for 10^9 ids."""
+    return hashlib.blake2b(event_id.encode(), digest_size=12).digest()
 
 
 def forgotten_field(user_id: str) -> str:

@@ -451,12 +451,20 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.plans: list[BatchPlan] = []
+        self.stored_positions: dict[int, int] = {}
+
+    async def positions(self, partitions: Any) -> dict[int, int]:
+        return {p: self.stored_positions[p] for p in partitions if p in self.stored_positions}
 
     async def read(self, reads: Reads) -> Inputs:
-        return Inputs(joins={p: [] for p in reads.join_partitions})
+        return Inputs(
+            joins={p: [] for p in reads.join_partitions},
+            positions={p: o for p, o in self.stored_positions.items() if p in reads.positions},
+        )
 
     async def commit(self, plan: BatchPlan) -> None:
         self.plans.append(plan)
+        self.stored_positions.update(plan.positions)
 
 
 class PoisonedPolicy(PopularityPolicy):

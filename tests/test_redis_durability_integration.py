@@ -8,6 +8,7 @@ Redis touches nothing else of the session.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -205,6 +206,74 @@ def test_redis_restarted_empty_stops_an_idle_worker_through_its_timer(
         assert worker.wait(timeout=60) == DATA_LOST_EXIT  # no event came: the 1 s timer saw it
         [line] = critical_lines(tmp_path / "worker.log")
         assert "is gone" in line and "loopwise rebuild" in line
+    finally:
+        producer.close()
+        r.close()
+
+
+def newest_aof(server: RedisServer) -> Path:
+    """Redis's growing append-only file (``appendonly.aof.{seq}.incr.aof``)."""
+    files = list((server.data_dir / "appendonlydir").glob("*.incr.aof"))
+    return max(files, key=lambda f: int(f.name.split(".")[-3]))
+
+
+def test_a_redis_that_lost_its_last_writes_gets_them_again_from_kafka(
+    isolated_settings: Settings, own_redis: RedisServer, tmp_path: Path
+) -> None:
+    """A machine crash with ``appendfsync everysec`` loses the AOF's last second: Redis comes
+    back holding less than the offsets the worker acked to Kafka. The worker finds the gap
+    (the partition's position in Redis is behind its next message), reads those offsets
+    again and applies them: the users end exactly as before the loss."""
+    s = on_redis(isolated_settings, own_redis, arms={"popularity": 1.0})
+    ensure_topics(s)
+    messages = traffic(s, 990)  # 10 catalog events + 990
+    first, second = messages[:600], messages[600:]
+    r = redis.Redis.from_url(s.redis_url)
+    producer = KafkaProducer(bootstrap_servers=s.bootstrap_servers, acks="all")
+    try:
+        worker = run_until(s, tmp_path / "1.log", "worker ready", 120)
+        publish(producer, s, first)
+        wait_until(lambda: stats(r, s)["consumed"] == 600, 120, "the first part", worker)
+        time.sleep(1.0)  # idle: what the AOF holds now is the first part's state
+        aof = newest_aof(own_redis)
+        kept = aof.stat().st_size
+        publish(producer, s, second)
+        wait_until(lambda: stats(r, s)["consumed"] == 1000, 120, "the second part", worker)
+        before = {k: v for k, v in user_state(r, s).items() if k not in ("epoch",)}
+        users_before = {k: v for k, v in before.items() if isinstance(k, bytes) and b":user:" in k}
+        time.sleep(2.5)  # the group commits the acked offsets (every second)
+        assert stop_worker(worker) == 0
+
+        kill_9(own_redis)
+        assert newest_aof(own_redis) == aof, "an AOF rewrite in a 1,000-event test"
+        with aof.open("r+b") as f:
+            f.truncate(kept)  # the machine crash: the file's tail never reached the disk
+        own_redis.start()
+        lost = stats(r, s)
+        assert lost["consumed"] == 600, "the cut did not take Redis back to the first part"
+
+        out = tmp_path / "2.log"
+        worker = run_until(s, out, "worker ready", 120)
+        # Nothing new for the users: one unchanged item event per partition wakes each up.
+        item = orjson.loads(messages[0][1])
+        for partition in range(s.topic_partitions):
+            again = {**item, "event_id": f"wake-{partition}"}
+            producer.send(s.events_topic, value=orjson.dumps(again), partition=partition)
+        producer.flush()
+        total = 1000 + s.topic_partitions
+        wait_until(lambda: stats(r, s)["consumed"] == total, 120, "the gap applied", worker)
+        assert stop_worker(worker) == 0
+        after = stats(r, s)
+        assert (after["accepted"], after["duplicates"], after["deadlettered"]) == (total, 0, 0)
+        users_after = {k: v for k, v in user_state(r, s).items() if k in users_before}
+        assert users_after == users_before and len(users_before) > 50
+        assert r.hgetall(s.key("catalog")) == before["catalog"]
+        log = out.read_text()
+        assert "were acked to Kafka but are not in Redis: reading them again" in log
+        applied_again = sum(
+            int(n) for n in re.findall(r": (\d+) messages of offsets \d+-\d+ applied again", log)
+        )
+        assert applied_again == 400
     finally:
         producer.close()
         r.close()
