@@ -14,11 +14,16 @@ One real worker process (``loopwise worker``, full learning loop, default arms) 
   marketplace's hidden ground truth, each sent when its event time is due. So the reward
   join, the outbox, the propensity log and the learner work too.
 
-One setting differs from the worker's defaults: the attribution window
+Two settings differ from the worker's defaults. The attribution window
 (``--attribution-window-s``, 60 s here, 600 s by default), so that shown decisions close,
 go through the outbox to the log and are learned within the run; with the default window
-nothing shown would close before minute 10. ``--superseded-ttl-s`` defaults to the
-worker's ``superseded_decision_ttl_s``.
+nothing shown would close before minute 10. The idempotency window
+(``--dedupe-window-s``, 60 s here, 3,600 s by default): Redis remembers each applied
+``event_id`` (a 12-byte digest in a ``seen:{bucket}`` set) for one to two windows, so that
+memory levels off only after two windows; the run measures its bytes per id (``MEMORY
+USAGE`` of the ``seen`` sets over their size) and the summary gives the level it reaches
+at the worker's default window and this rate (``seen_plateau_mb_at_default``).
+``--superseded-ttl-s`` defaults to the worker's ``superseded_decision_ttl_s``.
 
 Every ``--sample-s`` seconds the bench samples: the worker's RSS (``VmRSS`` of the
 process ``spawn_worker`` started, from ``/proc``; and of its children, if any), Redis
@@ -120,6 +125,13 @@ def parse_args() -> argparse.Namespace:
         "(60; the worker's default is 600)",
     )
     parser.add_argument(
+        "--dedupe-window-s",
+        type=int,
+        default=60,
+        help="the worker's dedupe_window_s, so that the idempotency memory levels off within "
+        f"the run (60; the worker's default is {defaults['dedupe_window_s'].default})",
+    )
+    parser.add_argument(
         "--views-per-s", type=float, default=10.0, help="next-best-actions shown per second (10)"
     )
     parser.add_argument(
@@ -147,6 +159,8 @@ def parse_args() -> argparse.Namespace:
         parser.error("--minutes, --rate and --sample-s must be > 0, --views-per-s >= 0")
     if args.users < 1 or args.items < 1 or args.superseded_ttl_s < 1:
         parser.error("--users, --items and --superseded-ttl-s must be >= 1")
+    if args.dedupe_window_s < 60:
+        parser.error("--dedupe-window-s must be >= 60 (the worker's minimum)")
     if args.attribution_window_s < 1:
         parser.error("--attribution-window-s must be >= 1")
     if args.minutes * 60 < 4 * args.sample_s:
@@ -427,6 +441,7 @@ def scan_families(client: redis.Redis, settings: Settings, t_s: float) -> dict[s
     prefix = settings.key_prefix
     families: dict[str, int] = {}
     decisions: list[bytes] = []
+    seen: list[bytes] = []
     started = time.monotonic()
     for key in client.scan_iter(match=prefix + "*", count=5000):
         rest = key.decode()[len(prefix) :]
@@ -434,13 +449,19 @@ def scan_families(client: redis.Redis, settings: Settings, t_s: float) -> dict[s
         families[family] = families.get(family, 0) + 1
         if family == "decision":
             decisions.append(key)
+        elif family == "seen":
+            seen.append(key)
     picked = random.Random(0).sample(decisions, min(50, len(decisions)))
     sizes = [client.memory_usage(k) for k in picked]
     sizes = [s for s in sizes if s]
+    seen_ids = sum(int(client.scard(k)) for k in seen)
+    seen_bytes = sum(int(client.memory_usage(k, samples=0) or 0) for k in seen)
     return {
         "t_s": round(t_s, 2),
         "families": dict(sorted(families.items())),
         "decision_key_bytes_mean": float(np.mean(sizes)) if sizes else None,
+        "seen_ids": seen_ids,
+        "seen_bytes_per_id": seen_bytes / seen_ids if seen_ids else None,
         "scan_s": round(time.monotonic() - started, 2),
     }
 
@@ -630,6 +651,14 @@ def summarize(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any
     summary["final_lag"] = last["lag"]
     summary["max_lag"] = max(s["lag"] for s in samples)
     summary["families_at_end"] = result["scans"][-1]["families"] if result["scans"] else {}
+    per_id = [x["seen_bytes_per_id"] for x in result["scans"] if x.get("seen_bytes_per_id")]
+    if per_id:
+        window = Settings.model_fields["dedupe_window_s"].default
+        summary["seen_bytes_per_id"] = per_id[-1]
+        # Between one window's ids (a bucket just expired) and two (it is about to).
+        summary["seen_plateau_mb_at_default"] = [
+            round(n * summary["consumed_per_s"] * window * per_id[-1] / 1e6, 1) for n in (1, 2)
+        ]
     return summary
 
 
@@ -675,6 +704,13 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
         f"{summary['worker_cpu_cores']:.2f} cores, load {summary['load_1min_mean']:.1f} on "
         f"{os.cpu_count()} cores; traffic {result['traffic']}"
     )
+    if "seen_plateau_mb_at_default" in summary:
+        low, high = summary["seen_plateau_mb_at_default"]
+        console.print(
+            f"idempotency memory: {summary['seen_bytes_per_id']:.0f} bytes per event id; at the "
+            f"worker's default dedupe_window_s and this rate it levels off between {low:,.0f} "
+            f"and {high:,.0f} MB (here: --dedupe-window-s {args.dedupe_window_s})"
+        )
     for note in summary["notes"]:
         console.print(f"[yellow]note: {note}")
     colour = "green" if summary["verdict"] == "levels off" else "red"
@@ -787,6 +823,7 @@ def main() -> None:
                 propensity_log_topic="soak.propensity-log",
                 superseded_decision_ttl_s=args.superseded_ttl_s,
                 attribution_window_ms=args.attribution_window_s * 1000,
+                dedupe_window_s=args.dedupe_window_s,
                 decisions=True,
             )
             ensure_topics(settings)
@@ -805,6 +842,7 @@ def main() -> None:
             "nba_ttl_s": settings.nba_ttl_s,
             "superseded_decision_ttl_s": settings.superseded_decision_ttl_s,
             "attribution_window_ms": settings.attribution_window_ms,
+            "dedupe_window_s": settings.dedupe_window_s,
             "max_candidates": settings.max_candidates,
         },
         "cpus": os.cpu_count(),

@@ -11,6 +11,11 @@ One handler on the root logger, writing to stderr:
   ``{"time", "level", "logger", "message"}`` plus ``"exc_info"`` (the formatted traceback) when
   the record carries an exception.
 
+A library that fails on every retry (aiokafka while a broker is down: ~1,900 ERROR lines in
+17 s) is summarized: a line of a library logger repeated within :data:`REPEAT_WINDOW_S` (same
+logger, level and message template) is not shown, and the next one shown after the window says
+how many were not (:class:`RepeatFilter`; off with ``-vv``).
+
 Faust's worker must not set logging up again: ``loopwise.streams.worker`` passes it
 ``override_logging=False``, or it would replace this handler with its own colored one at its own
 level (and turn ``print`` into log lines).
@@ -31,6 +36,37 @@ LIBRARY_LEVEL: Final = logging.WARNING
 QUIETED: Final = {"kafka.net.selector": logging.ERROR}
 """Library loggers whose warnings are their own diagnostics, shown from ``-v`` on:
 kafka-python's IO loop warns whenever one of its tasks ran over 0.1 s (a busy machine)."""
+
+
+REPEAT_WINDOW_S: Final = 10.0
+
+
+class RepeatFilter(logging.Filter):
+    """Shows a library's repeated line once per ``window_s``: a record of a logger outside
+    ``loopwise`` whose (logger, level, message template) was shown less than ``window_s`` ago
+    is dropped and counted; the next one shown carries ``[N more like this in T s not
+    shown]``. Loopwise's own lines and CRITICAL ones always pass."""
+
+    def __init__(self, window_s: float = REPEAT_WINDOW_S) -> None:
+        super().__init__()
+        self.window_s = window_s
+        self.shown: dict[tuple[str, int, str], tuple[float, int]] = {}  # -> (when, dropped)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.CRITICAL or record.name.partition(".")[0] == "loopwise":
+            return True
+        key = (record.name, record.levelno, str(record.msg))
+        last = self.shown.get(key)
+        if last is not None and record.created - last[0] < self.window_s:
+            self.shown[key] = (last[0], last[1] + 1)
+            return False
+        if last is not None and last[1]:
+            elapsed = record.created - last[0]
+            record.msg = f"{record.msg} [{last[1]} more like this in {elapsed:.0f} s not shown]"
+        if len(self.shown) > 10_000:  # templates are few; ids in messages are not
+            self.shown.clear()
+        self.shown[key] = (record.created, 0)
+        return True
 
 
 class JsonFormatter(logging.Formatter):
@@ -100,6 +136,8 @@ def configure_logging(
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )
+    if verbosity < 2:
+        handler.addFilter(RepeatFilter())
     root = logging.getLogger()
     for previous in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(previous)

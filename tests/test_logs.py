@@ -105,3 +105,35 @@ def test_kafka_pythons_slow_task_diagnostics_wait_for_v() -> None:
     configure_logging(verbosity=1, stream=out)
     selector.warning("Task ran for 0.3s (>0.100s threshold)")
     assert "0.3s" in out.getvalue()
+
+
+def test_a_librarys_repeated_line_is_shown_once_per_window_with_the_count() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out)
+    conn = logging.getLogger("aiokafka.conn")
+    own = logging.getLogger("loopwise.worker")
+
+    def at(logger: logging.Logger, t: float, msg: str, *args: object) -> None:
+        record = logger.makeRecord(logger.name, logging.ERROR, __file__, 1, msg, args, None)
+        record.created = t
+        logger.handle(record)
+
+    for i in range(1900):  # a broker down for 17 s, as aiokafka reports it
+        at(conn, 1000.0 + i * 0.009, "Unable connect to %r: [Errno 111] attempt %d", "node 1", i)
+        at(own, 1000.0 + i * 0.009, "retrying batch %d", i)
+    at(conn, 1030.0, "Unable connect to %r: [Errno 111] attempt %d", "node 1", 1900)
+    lines = out.getvalue().splitlines()
+    library = [line for line in lines if "aiokafka.conn" in line]
+    assert len(library) == 3  # t=1000, t=1010.008 (1,111 dropped before it), t=1030
+    assert library[0].endswith("attempt 0")
+    assert "attempt 1112 [1111 more like this in 10 s not shown]" in library[1]
+    assert library[2].endswith("attempt 1900 [787 more like this in 20 s not shown]")
+    assert sum("loopwise.worker" in line for line in lines) == 1900  # our own: every line
+
+
+def test_vv_shows_every_repeated_line() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out, verbosity=2)
+    for i in range(50):
+        logging.getLogger("aiokafka.conn").error("Unable connect: attempt %d", i)
+    assert out.getvalue().count("Unable connect") == 50
