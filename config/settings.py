@@ -18,7 +18,9 @@ import orjson
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-SECRETS = frozenset({"redis_password", "sasl_password", "snapshot_key"})  # never printed
+SECRETS = frozenset(
+    {"redis_password", "sasl_password", "snapshot_key", "pseudonym_key"}
+)  # never printed
 
 
 class ConfigError(ValueError):
@@ -42,12 +44,12 @@ class TomlFileSource(PydanticBaseSettingsSource):
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
         data = raw.get("loopwise", raw)
-        secrets = {"redis_password", "sasl_password", "snapshot_key"} & set(data)
+        secrets = SECRETS & set(data)
         if secrets:
             raise ConfigError(
                 f"config file {path} sets {', '.join(sorted(secrets))}: secrets are read only from "
                 "the environment (LOOPWISE_REDIS_PASSWORD, LOOPWISE_SASL_PASSWORD, "
-                "LOOPWISE_SNAPSHOT_KEY)"
+                "LOOPWISE_SNAPSHOT_KEY, LOOPWISE_PSEUDONYM_KEY)"
             )
         _refuse_unknown(data, f"config file {path}", lambda name: name)
         self._data = data
@@ -295,6 +297,13 @@ class Settings(BaseSettings):
         description="HMAC-SHA256 key signing model snapshots; when set, unsigned or "
         "badly signed snapshots are refused (environment only: LOOPWISE_SNAPSHOT_KEY)",
     )
+    pseudonym_key: SecretStr | None = Field(
+        None,
+        description="turns pseudonymization on: user ids are replaced by HMAC-SHA256 "
+        "pseudonyms before anything is stored, and the log and the models see a random "
+        "per-user token that forget deletes (environment only: LOOPWISE_PSEUDONYM_KEY, "
+        "at least 16 characters)",
+    )
     pmf_floor: float = Field(0.001, ge=0, lt=1, description="least probability of every candidate")
     max_candidates: int = Field(100, ge=2, le=10_000, description="candidates per decision")
     nba_ttl_s: int = Field(
@@ -314,6 +323,13 @@ class Settings(BaseSettings):
         "4.1.1", description="Apache Kafka broker release fetched from Maven Central"
     )
     kafka_controller_port: int = Field(9093, ge=1, le=65535)
+
+    @field_validator("pseudonym_key")
+    @classmethod
+    def _pseudonym_key_long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("must be at least 16 characters (a random secret)")
+        return value
 
     @field_validator("vw_args")
     @classmethod
@@ -445,6 +461,15 @@ class Settings(BaseSettings):
                 text = str(value)
             env["LOOPWISE_" + name.upper()] = text
         return env
+
+    def pseudonym(self, user_id: str) -> str:
+        """The id Loopwise stores for ``user_id``: the id itself, or with ``pseudonym_key``
+        its pseudonym (:func:`loopwise.pseudonyms.pseudonym`), as in ``nba:{pseudonym}``."""
+        if self.pseudonym_key is None:
+            return user_id
+        from loopwise.pseudonyms import pseudonym
+
+        return pseudonym(self.pseudonym_key.get_secret_value().encode(), user_id)
 
     @property
     def snapshot_key_bytes(self) -> bytes | None:

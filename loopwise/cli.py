@@ -622,16 +622,17 @@ def forget(ctx: click.Context, user_id: str, wait_s: float) -> None:
     settings = _settings(ctx)
     with EventPublisher.from_settings(settings) as publisher:
         publisher.forget(user_id)
+    stored_id = settings.pseudonym(user_id)  # the id itself without pseudonym_key
 
     async def run() -> tuple[bool, int]:
         store = RedisStore.connect(settings)
         try:
             deadline = time.monotonic() + wait_s
-            applied = await store.forgotten_at(user_id) is not None
+            applied = await store.forgotten_at(stored_id) is not None
             while not applied and time.monotonic() < deadline:
                 await asyncio.sleep(0.2)
-                applied = await store.forgotten_at(user_id) is not None
-            return applied, await store.erase_decisions(user_id) if applied else 0
+                applied = await store.forgotten_at(stored_id) is not None
+            return applied, await store.erase_decisions(stored_id) if applied else 0
         finally:
             await store.close()
 
@@ -646,6 +647,27 @@ def forget(ctx: click.Context, user_id: str, wait_s: float) -> None:
             f"forget of {user_id} published to {settings.events_topic}; the worker has not "
             f"applied it within {wait_s:g} s (is it running?): it will when it consumes it"
         )
+
+
+@main.command()
+@click.argument("user_ids", nargs=-1, required=True, metavar="USER_ID...")
+@click.pass_context
+def pseudonym(ctx: click.Context, user_ids: tuple[str, ...]) -> None:
+    """Print the id Loopwise stores for each USER_ID (as in `nba:{id}`).
+
+    With `LOOPWISE_PSEUDONYM_KEY` set: `p-` and the first 32 hex digits of
+    HMAC-SHA256(key, id), which a serving layer computes the same way to read
+    `nba:{pseudonym}`; without it, the id itself.
+    """
+    settings = _settings(ctx)
+    if settings.pseudonym_key is None:
+        console.print(
+            "[yellow]pseudonymization is off (LOOPWISE_PSEUDONYM_KEY is not set): ids are "
+            "stored as they are",
+            highlight=False,
+        )
+    for user_id in user_ids:
+        click.echo(f"{user_id}\t{settings.pseudonym(user_id)}")
 
 
 @main.command()

@@ -100,7 +100,8 @@ def run_closed_loop(
                 time.sleep(0.05)  # every nba was stale: let the worker catch up
             decided_before_round = report.decisions
             users = [market.sample_user(rng) for _ in range(64)]
-            raw = client.mget([nba_key.format(u) for u in users] + [nba_key.format(DEFAULT_USER)])
+            stored = [settings.pseudonym(u) for u in users]  # as a serving layer would
+            raw = client.mget([nba_key.format(u) for u in stored] + [nba_key.format(DEFAULT_USER)])
             default = raw[-1]
             for user_id, value in zip(users, raw[:-1], strict=True):
                 if report.decisions >= n_decisions:

@@ -99,11 +99,14 @@ class DecisionMaker:
         actions: Sequence[Action],
         now_ms: int,
         arm: str | None = None,
+        subject: str | None = None,
     ) -> Decision:
+        """A decision for ``user_id``; with ``subject`` (the user's pseudonymization token)
+        the policies and the log see the subject instead of the stored id."""
         if not actions:
             raise ValueError("no active items in the catalog: nothing to decide between")
         arm = arm or self.assign_arm(user_id)
-        features = user_features(user_id, state)
+        features = user_features(subject or user_id, state)
         candidates = self.candidates(actions, features)
         shared = {"user": features, "context": dict(context)}
         pmf = apply_floor(self.policies[arm].pmf(shared, candidates), self.pmf_floor)
@@ -120,6 +123,7 @@ class DecisionMaker:
             pmf=[float(p) for p in pmf],
             chosen=chosen,
             versions=[a.version for a in candidates],  # computed once per item version
+            subject=subject or "",
         )
 
     def default_decision(self, actions: Sequence[Action], now_ms: int) -> Decision:

@@ -137,7 +137,9 @@ class LearningLoop:
         replaced_ttl_ms = self.settings.superseded_decision_ttl_s * 1000
         for user_id, state in decided:
             context = latest_context.get(user_id, {})
-            decision = self.maker.decide(user_id, state, context, actions, now_ms)
+            decision = self.maker.decide(
+                user_id, state, context, actions, now_ms, subject=state.token
+            )
             plan.decisions_set[decision.decision_id] = decision.to_json()
             previous = self._remember(user_id, decision.decision_id)
             if previous is not None:
@@ -214,14 +216,18 @@ class LearningLoop:
         decision = open_decision.decision
         limit = self.settings.max_log_record_bytes
         detail = (
-            f"log record of decision {decision.decision_id} (user {decision.user_id}) is "
+            f"log record of decision {decision.decision_id} (user "
+            f"{decision.subject or decision.user_id}) is "
             f"{len(record):,} bytes > max_log_record_bytes={limit:,}: not logged"
         )
         log.error("%s; dead-lettered (its candidates' features are too large)", detail)
         source = Source(self.settings.propensity_log_topic, open_decision.partition, -1)
         rejection = Rejection("log_record_too_large", "actions", detail)
         plan.deadletters.append(
-            (decision.user_id.encode(), deadletter_record(rejection, source, record))
+            (
+                (decision.subject or decision.user_id).encode(),
+                deadletter_record(rejection, source, record),
+            )
         )
         plan.counters["log_records_too_large"] += 1
 

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from loopwise.config import Settings
+from loopwise.pseudonyms import new_token, pseudonymize
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.deadletter import Source, deadletter_record
@@ -154,11 +155,13 @@ def fold_users(
     catalog: Catalog,
     rules: StateRules,
     plan: BatchPlan,
+    tokens: bool = False,
 ) -> None:
     """Step 3's fold (pure): the fresh events into the users' states, into ``plan.users``.
 
     An event without consent erases the user (``None``) and stores nothing of it; a
-    user who then sends a consented event starts afresh (``plan.replaced``).
+    user who then sends a consented event starts afresh (``plan.replaced``). With
+    ``tokens`` (pseudonymization), a state without a token gets a new one.
     """
     category = catalog.category
     for user_id, user_events in group_by_user(events).items():
@@ -172,6 +175,8 @@ def fold_users(
                 state = UserState()
                 plan.replaced.add(user_id)
             apply_event(state, event, category(event.item_id), rules)
+        if tokens and state is not None and state.token is None:
+            state.token = new_token()
         plan.users[user_id] = state
 
 
@@ -197,6 +202,8 @@ class Pipeline:
             affinity_half_life_ms=settings.affinity_half_life_ms,
             affinity_weights=dict(settings.affinity_weights),
         )
+        key = settings.pseudonym_key
+        self.pseudonym_key = None if key is None else key.get_secret_value().encode()
         # Each partition's position (next offset to apply) as committed in Redis; read on the
         # first batch of a partition, advanced by each commit, dropped on any failure.
         self.held: dict[int, int] = {}
@@ -349,6 +356,9 @@ class Pipeline:
         # not dead-lettered again.
         new_messages = [m for m in messages if m.offset >= positions[m.partition]]
         batch = triage(new_messages, settings.max_event_bytes, latest)
+        if self.pseudonym_key is not None:
+            key = self.pseudonym_key
+            batch.events = [pseudonymize(e, key) for e in batch.events]
         redelivered = len(messages) - len(new_messages)
         if redelivered:
             batch.counters.update(consumed=redelivered, duplicates=redelivered)
@@ -389,7 +399,8 @@ class Pipeline:
         items = item_features(fresh)
         self.catalog.update(items)
         plan.catalog = {i: orjson.dumps(f) for i, f in items.items()}
-        fold_users(fresh, inputs.states, self.catalog, self.rules, plan)
+        tokens = self.pseudonym_key is not None
+        fold_users(fresh, inputs.states, self.catalog, self.rules, plan, tokens)
         if self.loop is not None:
             now_ms = int(time.time() * 1000)
             self.loop.plan(plan, fresh_with_partition, plan.users, inputs, now_ms)

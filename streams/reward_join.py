@@ -70,6 +70,8 @@ class Decision:
     chosen: int
     # each action's item version (loopwise.learners.policy.item_version of its features)
     versions: list[str] = field(default_factory=list)
+    # with pseudonymization: the user's token, the user_id of the log record
+    subject: str = ""
 
     @property
     def item_id(self) -> str:
@@ -83,21 +85,22 @@ class Decision:
         versions = self.versions
         if len(versions) != len(actions):
             versions = [item_version(a["features"]) for a in actions]
-        return orjson.dumps(
-            {
-                "decision_id": self.decision_id,
-                "user_id": self.user_id,
-                "arm": self.arm,
-                "policy_version": self.policy_version,
-                "computed_at": self.computed_at,
-                "context": self.context,
-                "user_features": self.user_features,
-                "actions": [a["id"] for a in actions],
-                "versions": versions,
-                "pmf": self.pmf,
-                "chosen": self.chosen,
-            }
-        )
+        stored = {
+            "decision_id": self.decision_id,
+            "user_id": self.user_id,
+            "arm": self.arm,
+            "policy_version": self.policy_version,
+            "computed_at": self.computed_at,
+            "context": self.context,
+            "user_features": self.user_features,
+            "actions": [a["id"] for a in actions],
+            "versions": versions,
+            "pmf": self.pmf,
+            "chosen": self.chosen,
+        }
+        if self.subject:
+            stored["subject"] = self.subject
+        return orjson.dumps(stored)
 
     @staticmethod
     def references(stored: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -297,7 +300,7 @@ class RewardJoin:
         return LogRecord(
             decision_id=d.decision_id,
             timestamp=open_decision.shown_at,
-            user_id=d.user_id,
+            user_id=d.subject or d.user_id,
             arm=d.arm,
             policy_version=d.policy_version,
             context=open_decision.context,

@@ -41,6 +41,8 @@ class UserState:
     aff_at: int | None = None
     affinities: dict[str, float] = field(default_factory=dict)
     last_items: list[str] = field(default_factory=list)
+    # with pseudonymization: the user's log-and-learning id (loopwise.pseudonyms)
+    token: str | None = None
 
     def to_hash(self) -> dict[str, str]:
         fields = {
@@ -54,6 +56,8 @@ class UserState:
             value = getattr(self, name)
             if value is not None:
                 fields[name] = str(value)
+        if self.token is not None:
+            fields["token"] = self.token
         for category, value in self.affinities.items():
             fields[AFFINITY_PREFIX + category] = repr(value)
         return fields
@@ -67,6 +71,7 @@ class UserState:
             purchases=int(fields.get("purchases", 0)),
             revenue=Decimal(fields.get("revenue", "0")),
             last_items=orjson.loads(fields.get("last_items", "[]")),
+            token=fields.get("token"),
         )
         for name in ("first_seen", "last_seen", "aff_at"):
             if name in fields:

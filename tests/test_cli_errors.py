@@ -98,11 +98,15 @@ def test_secrets_are_never_printed() -> None:
         {"LOOPWISE_SNAPSHOT_KEY": secret, "LOOPWISE_BATCH_SIZE": "abc"},
         {"LOOPWISE_REDIS_PASSWORD": secret, "LOOPWISE_BATCH_SIZE": "abc"},
         {"LOOPWISE_SNAPSHOT_KEY": secret},
+        {"LOOPWISE_PSEUDONYM_KEY": secret + "-long-enough", "LOOPWISE_BATCH_SIZE": "abc"},
+        {"LOOPWISE_PSEUDONYM_KEY": secret[:8]},  # too short: refused, not shown
     ):
         result = run("stats", env=env)
         assert result.exit_code == 2
-        assert secret not in result.output + result.stderr
+        assert secret[:8] not in result.output + result.stderr
     assert secret not in run("worker", "--help", env={"LOOPWISE_SNAPSHOT_KEY": secret}).output
+    shown = run("pseudonym", "u-42", env={"LOOPWISE_PSEUDONYM_KEY": secret + "-long-enough"})
+    assert shown.exit_code == 0 and secret not in shown.output + shown.stderr
 
 
 def test_a_setting_that_is_not_json_names_the_setting() -> None:

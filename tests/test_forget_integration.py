@@ -11,13 +11,16 @@ id) re-creates nothing; an event dated after the forget starts them afresh.
 from __future__ import annotations
 
 import time
+import uuid
 
 import orjson
 import pytest
 import redis
 from click.testing import CliRunner
+from kafka import TopicPartition
 from worker_helpers import stats, wait_until
 
+from loopwise import kafka_clients
 from loopwise.cli import main
 from loopwise.config import Settings, load_settings
 from loopwise.producers.sdk import EventPublisher
@@ -109,6 +112,107 @@ def test_forget_erases_every_trace_in_redis_and_old_events_recreate_nothing(
             counts["accepted"] + counts["duplicates"] + counts["deadlettered"]
             == (counts["consumed"])
         )
+    finally:
+        assert stop_worker(worker) == 0
+        r.close()
+
+
+def log_messages(s: Settings) -> list[tuple[bytes, bytes]]:
+    """Every (key, value) on the propensity log, read to its end."""
+    consumer = kafka_clients.consumer(
+        s, auto_offset_reset="earliest", enable_auto_commit=False, group_id=None
+    )
+    try:
+        partitions = [TopicPartition(s.propensity_log_topic, p) for p in range(s.topic_partitions)]
+        consumer.assign(partitions)
+        ends = consumer.end_offsets(partitions)
+        consumer.seek_to_beginning(*partitions)
+        found: list[tuple[bytes, bytes]] = []
+        deadline = time.monotonic() + 60
+        while any(consumer.position(tp) < ends[tp] for tp in partitions):
+            assert time.monotonic() < deadline, "the log could not be read to its end"
+            for records in consumer.poll(timeout_ms=1000).values():
+                found.extend((m.key or b"", m.value or b"") for m in records)
+        return found
+    finally:
+        consumer.close()
+
+
+def test_with_pseudonyms_nothing_left_in_redis_or_on_the_log_links_to_a_forgotten_user(
+    isolated_settings: Settings,
+) -> None:
+    """With ``pseudonym_key``: Redis holds pseudonyms, the log and the models a random token
+    per user; ``forget`` deletes the only link between the two. Afterwards neither the id,
+    nor its pseudonym, nor its token is anywhere in Redis, and the log (append-only: the
+    user's records stay) holds the token only, which nothing maps back to the user."""
+    key = "k-" + uuid.uuid4().hex
+    s = load_settings(
+        **{
+            **isolated_settings.model_dump(),
+            "arms": {"popularity": 1.0},
+            "attribution_window_ms": 1_000,  # shown decisions close (and are logged) at once
+            "pseudonym_key": key,
+        }
+    )
+    alias = s.pseudonym(GONE)
+    assert alias.startswith("p-") and alias != GONE
+    ensure_topics(s)
+    r = redis.Redis.from_url(s.redis_url)
+    worker = spawn_worker(s)
+    env = dict(s.as_env())
+    assert env["LOOPWISE_PSEUDONYM_KEY"] == key
+    now = int(time.time() * 1000)
+    try:
+        with EventPublisher.from_settings(s) as sdk:
+            for i in range(5):
+                sdk.item(f"item-{i}", {"category": f"c{i % 2}", "price": 10.0 + i})
+            sdk.flush()
+            for t, user in enumerate([GONE, KEPT] * 20):
+                sdk.view(user, f"item-{t % 5}", timestamp=now - 60_000 + t)
+            sdk.flush()
+            wait_until(lambda: r.exists(s.key("nba", alias)), 120, "the user's nba", worker)
+            assert not r.exists(s.key("nba", GONE)) and not r.exists(s.key("user", GONE))
+            token = (r.hget(s.key("user", alias), "token") or b"").decode()
+            assert token.startswith("t-")
+            for user in (GONE, KEPT):  # each is shown a decision, which is logged
+                nba = orjson.loads(r.get(s.key("nba", s.pseudonym(user))) or b"{}")
+                sdk.view(
+                    user,
+                    nba["item_id"],
+                    decision_id=nba["decision_id"],
+                    propensity=nba["propensity"],
+                    timestamp=now - 1_000,
+                )
+            sdk.flush()
+            wait_until(lambda: stats(r, s)["decisions_closed"] >= 2, 60, "two logged", worker)
+            wait_until(lambda: len(log_messages(s)) >= 2, 60, "the log records", worker)
+            logged = log_messages(s)
+            gone_records = [orjson.loads(v) for k, v in logged if k == token.encode()]
+            assert len(gone_records) == 1 and gone_records[0]["user_id"] == token
+            assert gone_records[0]["user_features"]["user_id"] == token  # what policies learn
+            for needle in (GONE, alias):
+                assert not any(needle.encode() in k + v for k, v in logged), needle
+            assert keys_mentioning(r, s, GONE) == []  # Redis never held the id itself
+            assert keys_mentioning(r, s, alias) and keys_mentioning(r, s, token)
+
+            result = CliRunner().invoke(main, ["forget", GONE, "--wait", "60"], env=env)
+            assert result.exit_code == 0, result.output
+            assert "tombstone kept" in result.output
+
+            for needle in (GONE, alias, token):
+                assert keys_mentioning(r, s, needle) == [], needle
+            assert r.hexists(s.key("forgotten"), forgotten_field(alias))
+            logged = log_messages(s)
+            assert any(token.encode() in v for _, v in logged)  # the log is append-only ...
+            for needle in (GONE, alias):  # ... but holds nothing that leads to the user
+                assert not any(needle.encode() in k + v for k, v in logged), needle
+            assert r.exists(s.key("user", s.pseudonym(KEPT)))
+
+            # Back after the forget: a new state, under a new token.
+            sdk.click(GONE, "item-2", timestamp=int(time.time() * 1000) + 1_000)
+            sdk.flush()
+            wait_until(lambda: r.exists(s.key("user", alias)), 60, "the new event", worker)
+            assert (r.hget(s.key("user", alias), "token") or b"").decode() not in ("", token)
     finally:
         assert stop_worker(worker) == 0
         r.close()
