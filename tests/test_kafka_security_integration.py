@@ -1,12 +1,16 @@
-"""Loopwise against a broker that wants TLS, a client certificate and a SCRAM login.
+"""Loopwise against a broker that wants TLS, a client certificate and a SCRAM login, and a
+Redis that wants TLS, an ACL user and a password.
 
-The test starts its own broker (free ports, its own folder) with a SASL_SSL listener: a local
+The module starts its own broker (free ports, its own folder) with a SASL_SSL listener: a local
 CA and the broker's PKCS12 keystore and truststore made with openssl and keytool, SCRAM users
-created by Kafka's own ``StorageTool format --add-scram``, client certificates required. Every
-Loopwise client goes through that listener: the real worker process (Faust's consumer and
-producer, the topic admin, the learner), the SDK publishing a closed loop, ``loopwise export``
-and ``loopwise replay kafka:``. Then what the broker must refuse: a wrong password, an unknown
-user, no client certificate, another CA, a PLAINTEXT client.
+created by Kafka's own ``StorageTool format --add-scram``, client certificates required. Its
+Redis listens for TLS only and knows one ACL user with a password (the ``default`` user off).
+Every Loopwise client goes through both: the real worker process (Faust's consumer and
+producer, the topic admin, the learner, its Redis store), the SDK publishing a closed loop,
+``loopwise export``, ``loopwise replay kafka:`` and ``loopwise stats``; the step-1 pipeline
+traffic (good events, redeliveries, malformed messages) gives the pipeline test's exact counts
+there too. Then what the broker must refuse: a wrong password, an unknown user, no client
+certificate, another CA, a PLAINTEXT client. Neither password is ever in an output.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from loopwise.infra.redis_server import RedisServer
 from loopwise.producers.closed_loop import run_closed_loop
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.redis_clients import redis_client
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
@@ -47,11 +52,20 @@ USER = "loopwise"
 PASSWORD = "S3cret-" + uuid.uuid4().hex[:12]  # searched for in every output: never printed
 OTHER_USER, OTHER_PASSWORD = "analyst", "An4lyst-pw"
 WRONG_PASSWORD = "Wr0ng-" + uuid.uuid4().hex[:12]
+REDIS_USER = "loopwise-app"
+REDIS_PASSWORD = "R3dis-" + uuid.uuid4().hex[:16]  # searched for in every output too
+
+
+def assert_no_password_in(*outputs: str) -> None:
+    for output in outputs:
+        assert PASSWORD not in output
+        assert REDIS_PASSWORD not in output
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
-    """A broker whose SASL_SSL listener requires a client certificate, and a Redis."""
+    """A broker whose SASL_SSL listener requires a client certificate, and a TLS-only Redis
+    with the ACL user ``REDIS_USER`` and its password (the default user off)."""
     base = tmp_path_factory.mktemp("secured-infra")
     ports: list[int] = []
     while len(ports) < 4:
@@ -72,7 +86,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
             scram_users={USER: PASSWORD, OTHER_USER: OTHER_PASSWORD},
             require_client_cert=True,
         ),
-        RedisServer(port=redis_port, state_dir=base / "redis"),
+        RedisServer(
+            port=redis_port,
+            state_dir=base / "redis",
+            username=REDIS_USER,
+            password=REDIS_PASSWORD,
+            tls=True,
+        ),
+        redis_clients_ca=base / "redis" / "tls" / "ca.crt",  # generated at its start
     )
     try:
         local.up()
@@ -83,8 +104,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
 
 @pytest.fixture
 def s(secured: LocalInfra, tmp_path: Path) -> Settings:
-    """Settings on the SASL_SSL listener (SCRAM-SHA-512, CA, client certificate), with topics,
-    group and key prefix of this test's own."""
+    """Settings on the SASL_SSL listener (SCRAM-SHA-512, CA, client certificate) and the TLS
+    Redis (ACL user, password, CA), with topics, group and key prefix of this test's own."""
     broker = secured.kafka
     suffix = uuid.uuid4().hex[:10]
     return load_settings(
@@ -97,6 +118,9 @@ def s(secured: LocalInfra, tmp_path: Path) -> Settings:
         kafka_ssl_certfile=broker.client_cert_file,
         kafka_ssl_keyfile=broker.client_key_file,
         redis_url=secured.redis_url,
+        redis_username=REDIS_USER,
+        redis_password=REDIS_PASSWORD,
+        redis_ssl_ca_certs=secured.redis.ca_file,
         kafka_controller_port=broker.controller_port,
         state_dir=tmp_path / "state",
         events_topic=f"sec.events.{suffix}",
@@ -116,7 +140,7 @@ def with_(s: Settings, **changes: object) -> Settings:
 
 def run_cli(s: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``loopwise ARGS`` with exactly these settings in its environment (as the worker gets
-    them: ``Settings.as_env``, the password included)."""
+    them: ``Settings.as_env``, the passwords included)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
     return subprocess.run(
         [sys.executable, "-m", "loopwise.cli", *args],
@@ -139,7 +163,7 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
     s: Settings, tmp_path: Path
 ) -> None:
     ensure_topics(s)  # the topic admin, through the secured listener too
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s)
     log_path = tmp_path / "worker.log"
     worker = spawn_worker(s, log_level="debug", output=log_path.open("wb"))
     try:
@@ -198,8 +222,9 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
         r.close()
     text = log_path.read_text(errors="replace")
     assert "worker ready" in text
-    for output in (text, exported.stdout + exported.stderr, replayed.stdout + replayed.stderr):
-        assert PASSWORD not in output
+    assert_no_password_in(
+        text, exported.stdout + exported.stderr, replayed.stdout + replayed.stderr
+    )
 
 
 def test_other_scram_and_plain_mechanisms_log_in(s: Settings) -> None:
@@ -236,6 +261,7 @@ def test_a_wrong_password_is_one_clear_error_at_once_never_showing_it(s: Setting
         assert "refused the SASL login" in result.stderr, result.stderr
         assert "LOOPWISE_SASL_PASSWORD" in result.stderr
         assert WRONG_PASSWORD not in result.stdout + result.stderr
+        assert_no_password_in(result.stdout + result.stderr)
 
     unknown = with_(s, kafka_sasl_username="nobody")
     with pytest.raises(kafka_clients.KafkaAccessError, match="user 'nobody'"):
