@@ -16,7 +16,9 @@ certificate, another CA, a PLAINTEXT client. Neither password is ever in an outp
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import random
 import subprocess
 import sys
 import time
@@ -31,6 +33,15 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError as AIOKafkaError
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
+from test_pipeline_integration import (
+    N_DUPLICATES,
+    NO_CONSENT_USERS,
+    assert_users_match,
+    build_traffic,
+    committed_lag,
+    read_topic,
+    reference_state,
+)
 from worker_helpers import stats, wait_until
 
 from loopwise import kafka_clients
@@ -186,7 +197,10 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
             worker,
         )
         assert next(r.scan_iter(match=s.key("user", "*")), None) is not None
-        closed = stats(r, s)["decisions_closed"]
+        counts = stats(r, s)
+        assert counts["consumed"] == counts["accepted"] == report.published
+        assert counts["duplicates"] == counts["deadlettered"] == 0
+        closed = counts["decisions_closed"]
 
         # `loopwise export` reads the propensity log through the secured listener...
         out = tmp_path / "log.jsonl"
@@ -225,6 +239,109 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
     assert_no_password_in(
         text, exported.stdout + exported.stderr, replayed.stdout + replayed.stderr
     )
+
+
+N_REDELIVERED = 500  # good events sent again after a restart of the worker
+
+
+def test_pipeline_counts_are_exact_over_sasl_ssl_and_a_password_redis(
+    s: Settings, tmp_path: Path
+) -> None:
+    """The pipeline test (tests/test_pipeline_integration.py) over the secured broker and
+    Redis: the SDK publishes the catalog, the good events and their redeliveries, a producer
+    of ``kafka_clients`` the malformed messages the SDK refuses; every user hash equals the
+    reference, every bad message is dead-lettered with its reason, the counts reconcile
+    exactly, the offsets are committed, and redeliveries after a restart change nothing."""
+    # Nothing gets into this Redis without the user's password.
+    anonymous = with_(s, redis_username=None, redis_password=None)
+    with redis_client(anonymous, retry=None) as client, pytest.raises(redis.AuthenticationError):
+        client.ping()
+
+    ensure_topics(s)
+    traffic = build_traffic(s)  # the pipeline test's 20,000 messages for 500 users
+    catalog = traffic["market"].catalog_events()
+    stream = traffic["stream"]
+    r = redis_client(s)
+    sdk = EventPublisher.from_settings(s)
+    raw = kafka_clients.producer(s, linger_ms=5, acks="all")
+    log_path = tmp_path / "worker.log"
+    log_file = log_path.open("ab")
+    worker = spawn_worker(s, output=log_file)
+    try:
+        for e in catalog:
+            sdk.send(e)
+        sdk.flush()
+        wait_until(lambda: r.hlen(s.key("catalog")) == len(catalog), 120, "the catalog", worker)
+
+        for key, value, reason in stream:
+            if reason is None:  # a good event or its redelivery: the same bytes from the SDK
+                sdk.send(orjson.loads(value))
+            else:
+                raw.send(s.events_topic, key=key, value=value)
+        sdk.flush()
+        raw.flush()
+        published = len(catalog) + len(stream)
+        wait_until(lambda: stats(r, s)["consumed"] == published, 180, "all messages", worker)
+        assert stop_worker(worker) == 0, "SIGTERM must stop the worker cleanly"
+
+        counts = stats(r, s)
+        assert counts["accepted"] == len(catalog) + len(traffic["good"])
+        assert counts["duplicates"] == N_DUPLICATES
+        assert counts["deadlettered"] == traffic["n_bad"]
+        assert counts["accepted"] + counts["duplicates"] + counts["deadlettered"] == published
+        assert counts["no_consent"] == NO_CONSENT_USERS
+
+        # Every bad message is on the dead-letter topic (read over SASL_SSL), once, with its
+        # reason and source.
+        expected_reasons = {value: reason for _, value, reason in stream if reason}
+        dead = read_topic(s, s.deadletter_topic, len(expected_reasons))
+        assert len(dead) == len(expected_reasons)
+        for record in dead:
+            original = base64.b64decode(record["original_b64"])
+            assert record["reason"] == expected_reasons[original], record
+            assert record["source"]["topic"] == s.events_topic
+            assert record["source"]["offset"] >= 0
+        assert {base64.b64decode(d["original_b64"]) for d in dead} == set(expected_reasons)
+
+        categories = {e["item_id"]: e["features"]["category"] for e in catalog}
+        expected = reference_state(traffic["good"], categories, s)
+        assert_users_match(r, s, expected)
+        assert committed_lag(s) == 0
+
+        # `loopwise stats` reads the same counters through the password Redis.
+        shown = run_cli(s, "stats", "--json")
+        assert shown.returncode == 0, shown.stderr
+        summary = orjson.loads(shown.stdout)
+        assert summary["reconciled"]
+        assert summary["stats"]["accepted"] == counts["accepted"]
+        assert summary["stats"]["deadlettered"] == counts["deadlettered"]
+
+        # Redelivered after a restart: already-applied events change nothing.
+        before = {uid: r.hgetall(s.key("user", uid)) for uid in expected}
+        worker = spawn_worker(s, output=log_file)
+        for e in random.Random(3).sample(traffic["good"], N_REDELIVERED):
+            sdk.send(e)
+        sdk.flush()
+        wait_until(
+            lambda: stats(r, s)["consumed"] == published + N_REDELIVERED,
+            120,
+            "the redeliveries",
+            worker,
+        )
+        assert stop_worker(worker) == 0
+        after = stats(r, s)
+        assert after["duplicates"] == N_DUPLICATES + N_REDELIVERED
+        assert after["accepted"] == counts["accepted"]
+        assert after["deadlettered"] == counts["deadlettered"]
+        assert {uid: r.hgetall(s.key("user", uid)) for uid in expected} == before
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        sdk.close()
+        raw.close()
+        r.close()
+        log_file.close()
+    assert_no_password_in(log_path.read_text(errors="replace"), shown.stdout + shown.stderr)
 
 
 def test_other_scram_and_plain_mechanisms_log_in(s: Settings) -> None:
