@@ -1,18 +1,24 @@
-"""Loopwise against a broker that wants TLS, a client certificate and a SCRAM login.
+"""Loopwise against a broker that wants TLS, a client certificate and a SCRAM login, and a
+Redis that wants TLS, an ACL user and a password.
 
-The test starts its own broker (free ports, its own folder) with a SASL_SSL listener: a local
+The module starts its own broker (free ports, its own folder) with a SASL_SSL listener: a local
 CA and the broker's PKCS12 keystore and truststore made with openssl and keytool, SCRAM users
-created by Kafka's own ``StorageTool format --add-scram``, client certificates required. Every
-Loopwise client goes through that listener: the real worker process (Faust's consumer and
-producer, the topic admin, the learner), the SDK publishing a closed loop, ``loopwise export``
-and ``loopwise replay kafka:``. Then what the broker must refuse: a wrong password, an unknown
-user, no client certificate, another CA, a PLAINTEXT client.
+created by Kafka's own ``StorageTool format --add-scram``, client certificates required. Its
+Redis listens for TLS only and knows one ACL user with a password (the ``default`` user off).
+Every Loopwise client goes through both: the real worker process (Faust's consumer and
+producer, the topic admin, the learner, its Redis store), the SDK publishing a closed loop,
+``loopwise export``, ``loopwise replay kafka:`` and ``loopwise stats``; the step-1 pipeline
+traffic (good events, redeliveries, malformed messages) gives the pipeline test's exact counts
+there too. Then what the broker must refuse: a wrong password, an unknown user, no client
+certificate, another CA, a PLAINTEXT client. Neither password is ever in an output.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
+import random
 import subprocess
 import sys
 import time
@@ -27,6 +33,15 @@ from aiokafka import AIOKafkaConsumer
 from aiokafka.errors import KafkaError as AIOKafkaError
 from kafka import KafkaConsumer
 from kafka.errors import KafkaError
+from test_pipeline_integration import (
+    N_DUPLICATES,
+    NO_CONSENT_USERS,
+    assert_users_match,
+    build_traffic,
+    committed_lag,
+    read_topic,
+    reference_state,
+)
 from worker_helpers import stats, wait_until
 
 from loopwise import kafka_clients
@@ -38,6 +53,7 @@ from loopwise.infra.redis_server import RedisServer
 from loopwise.producers.closed_loop import run_closed_loop
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.redis_clients import redis_client
 from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
@@ -47,11 +63,20 @@ USER = "loopwise"
 PASSWORD = "S3cret-" + uuid.uuid4().hex[:12]  # searched for in every output: never printed
 OTHER_USER, OTHER_PASSWORD = "analyst", "An4lyst-pw"
 WRONG_PASSWORD = "Wr0ng-" + uuid.uuid4().hex[:12]
+REDIS_USER = "loopwise-app"
+REDIS_PASSWORD = "R3dis-" + uuid.uuid4().hex[:16]  # searched for in every output too
+
+
+def assert_no_password_in(*outputs: str) -> None:
+    for output in outputs:
+        assert PASSWORD not in output
+        assert REDIS_PASSWORD not in output
 
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
-    """A broker whose SASL_SSL listener requires a client certificate, and a Redis."""
+    """A broker whose SASL_SSL listener requires a client certificate, and a TLS-only Redis
+    with the ACL user ``REDIS_USER`` and its password (the default user off)."""
     base = tmp_path_factory.mktemp("secured-infra")
     ports: list[int] = []
     while len(ports) < 4:
@@ -72,7 +97,14 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
             scram_users={USER: PASSWORD, OTHER_USER: OTHER_PASSWORD},
             require_client_cert=True,
         ),
-        RedisServer(port=redis_port, state_dir=base / "redis"),
+        RedisServer(
+            port=redis_port,
+            state_dir=base / "redis",
+            username=REDIS_USER,
+            password=REDIS_PASSWORD,
+            tls=True,
+        ),
+        redis_clients_ca=base / "redis" / "tls" / "ca.crt",  # generated at its start
     )
     try:
         local.up()
@@ -83,8 +115,8 @@ def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalInfra]:
 
 @pytest.fixture
 def s(secured: LocalInfra, tmp_path: Path) -> Settings:
-    """Settings on the SASL_SSL listener (SCRAM-SHA-512, CA, client certificate), with topics,
-    group and key prefix of this test's own."""
+    """Settings on the SASL_SSL listener (SCRAM-SHA-512, CA, client certificate) and the TLS
+    Redis (ACL user, password, CA), with topics, group and key prefix of this test's own."""
     broker = secured.kafka
     suffix = uuid.uuid4().hex[:10]
     return load_settings(
@@ -97,6 +129,9 @@ def s(secured: LocalInfra, tmp_path: Path) -> Settings:
         kafka_ssl_certfile=broker.client_cert_file,
         kafka_ssl_keyfile=broker.client_key_file,
         redis_url=secured.redis_url,
+        redis_username=REDIS_USER,
+        redis_password=REDIS_PASSWORD,
+        redis_ssl_ca_certs=secured.redis.ca_file,
         kafka_controller_port=broker.controller_port,
         state_dir=tmp_path / "state",
         events_topic=f"sec.events.{suffix}",
@@ -116,7 +151,7 @@ def with_(s: Settings, **changes: object) -> Settings:
 
 def run_cli(s: Settings, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     """``loopwise ARGS`` with exactly these settings in its environment (as the worker gets
-    them: ``Settings.as_env``, the password included)."""
+    them: ``Settings.as_env``, the passwords included)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
     return subprocess.run(
         [sys.executable, "-m", "loopwise.cli", *args],
@@ -139,7 +174,7 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
     s: Settings, tmp_path: Path
 ) -> None:
     ensure_topics(s)  # the topic admin, through the secured listener too
-    r = redis.Redis.from_url(s.redis_url)
+    r = redis_client(s)
     log_path = tmp_path / "worker.log"
     worker = spawn_worker(s, log_level="debug", output=log_path.open("wb"))
     try:
@@ -162,7 +197,10 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
             worker,
         )
         assert next(r.scan_iter(match=s.key("user", "*")), None) is not None
-        closed = stats(r, s)["decisions_closed"]
+        counts = stats(r, s)
+        assert counts["consumed"] == counts["accepted"] == report.published
+        assert counts["duplicates"] == counts["deadlettered"] == 0
+        closed = counts["decisions_closed"]
 
         # `loopwise export` reads the propensity log through the secured listener...
         out = tmp_path / "log.jsonl"
@@ -198,8 +236,112 @@ def test_worker_sdk_export_and_replay_work_over_sasl_ssl_with_scram_and_a_client
         r.close()
     text = log_path.read_text(errors="replace")
     assert "worker ready" in text
-    for output in (text, exported.stdout + exported.stderr, replayed.stdout + replayed.stderr):
-        assert PASSWORD not in output
+    assert_no_password_in(
+        text, exported.stdout + exported.stderr, replayed.stdout + replayed.stderr
+    )
+
+
+N_REDELIVERED = 500  # good events sent again after a restart of the worker
+
+
+def test_pipeline_counts_are_exact_over_sasl_ssl_and_a_password_redis(
+    s: Settings, tmp_path: Path
+) -> None:
+    """The pipeline test (tests/test_pipeline_integration.py) over the secured broker and
+    Redis: the SDK publishes the catalog, the good events and their redeliveries, a producer
+    of ``kafka_clients`` the malformed messages the SDK refuses; every user hash equals the
+    reference, every bad message is dead-lettered with its reason, the counts reconcile
+    exactly, the offsets are committed, and redeliveries after a restart change nothing."""
+    # Nothing gets into this Redis without the user's password.
+    anonymous = with_(s, redis_username=None, redis_password=None)
+    with redis_client(anonymous, retry=None) as client, pytest.raises(redis.AuthenticationError):
+        client.ping()
+
+    ensure_topics(s)
+    traffic = build_traffic(s)  # the pipeline test's 20,000 messages for 500 users
+    catalog = traffic["market"].catalog_events()
+    stream = traffic["stream"]
+    r = redis_client(s)
+    sdk = EventPublisher.from_settings(s)
+    raw = kafka_clients.producer(s, linger_ms=5, acks="all")
+    log_path = tmp_path / "worker.log"
+    log_file = log_path.open("ab")
+    worker = spawn_worker(s, output=log_file)
+    try:
+        for e in catalog:
+            sdk.send(e)
+        sdk.flush()
+        wait_until(lambda: r.hlen(s.key("catalog")) == len(catalog), 120, "the catalog", worker)
+
+        for key, value, reason in stream:
+            if reason is None:  # a good event or its redelivery: the same bytes from the SDK
+                sdk.send(orjson.loads(value))
+            else:
+                raw.send(s.events_topic, key=key, value=value)
+        sdk.flush()
+        raw.flush()
+        published = len(catalog) + len(stream)
+        wait_until(lambda: stats(r, s)["consumed"] == published, 180, "all messages", worker)
+        assert stop_worker(worker) == 0, "SIGTERM must stop the worker cleanly"
+
+        counts = stats(r, s)
+        assert counts["accepted"] == len(catalog) + len(traffic["good"])
+        assert counts["duplicates"] == N_DUPLICATES
+        assert counts["deadlettered"] == traffic["n_bad"]
+        assert counts["accepted"] + counts["duplicates"] + counts["deadlettered"] == published
+        assert counts["no_consent"] == NO_CONSENT_USERS
+
+        # Every bad message is on the dead-letter topic (read over SASL_SSL), once, with its
+        # reason and source.
+        expected_reasons = {value: reason for _, value, reason in stream if reason}
+        dead = read_topic(s, s.deadletter_topic, len(expected_reasons))
+        assert len(dead) == len(expected_reasons)
+        for record in dead:
+            original = base64.b64decode(record["original_b64"])
+            assert record["reason"] == expected_reasons[original], record
+            assert record["source"]["topic"] == s.events_topic
+            assert record["source"]["offset"] >= 0
+        assert {base64.b64decode(d["original_b64"]) for d in dead} == set(expected_reasons)
+
+        categories = {e["item_id"]: e["features"]["category"] for e in catalog}
+        expected = reference_state(traffic["good"], categories, s)
+        assert_users_match(r, s, expected)
+        assert committed_lag(s) == 0
+
+        # `loopwise stats` reads the same counters through the password Redis.
+        shown = run_cli(s, "stats", "--json")
+        assert shown.returncode == 0, shown.stderr
+        summary = orjson.loads(shown.stdout)
+        assert summary["reconciled"]
+        assert summary["stats"]["accepted"] == counts["accepted"]
+        assert summary["stats"]["deadlettered"] == counts["deadlettered"]
+
+        # Redelivered after a restart: already-applied events change nothing.
+        before = {uid: r.hgetall(s.key("user", uid)) for uid in expected}
+        worker = spawn_worker(s, output=log_file)
+        for e in random.Random(3).sample(traffic["good"], N_REDELIVERED):
+            sdk.send(e)
+        sdk.flush()
+        wait_until(
+            lambda: stats(r, s)["consumed"] == published + N_REDELIVERED,
+            120,
+            "the redeliveries",
+            worker,
+        )
+        assert stop_worker(worker) == 0
+        after = stats(r, s)
+        assert after["duplicates"] == N_DUPLICATES + N_REDELIVERED
+        assert after["accepted"] == counts["accepted"]
+        assert after["deadlettered"] == counts["deadlettered"]
+        assert {uid: r.hgetall(s.key("user", uid)) for uid in expected} == before
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+        sdk.close()
+        raw.close()
+        r.close()
+        log_file.close()
+    assert_no_password_in(log_path.read_text(errors="replace"), shown.stdout + shown.stderr)
 
 
 def test_other_scram_and_plain_mechanisms_log_in(s: Settings) -> None:
@@ -236,6 +378,7 @@ def test_a_wrong_password_is_one_clear_error_at_once_never_showing_it(s: Setting
         assert "refused the SASL login" in result.stderr, result.stderr
         assert "LOOPWISE_SASL_PASSWORD" in result.stderr
         assert WRONG_PASSWORD not in result.stdout + result.stderr
+        assert_no_password_in(result.stdout + result.stderr)
 
     unknown = with_(s, kafka_sasl_username="nobody")
     with pytest.raises(kafka_clients.KafkaAccessError, match="user 'nobody'"):

@@ -18,9 +18,10 @@ from typing import Any
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+from kafka import KafkaProducer, TopicPartition
 from worker_helpers import stats, wait_until
 
+from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.streams.topics import ensure_topics
@@ -259,9 +260,9 @@ def assert_users_match(
 def read_topic(
     s: Settings, topic: str, expected: int, timeout_s: float = 60
 ) -> list[dict[str, Any]]:
-    consumer = KafkaConsumer(
+    consumer = kafka_clients.consumer(  # the settings' broker and security (TLS, SASL)
+        s,
         topic,
-        bootstrap_servers=s.bootstrap_servers,
         auto_offset_reset="earliest",
         enable_auto_commit=False,
         consumer_timeout_ms=3000,
@@ -282,7 +283,7 @@ def read_topic(
 
 def committed_lag(s: Settings) -> int:
     """Messages of the events topic past the worker group's committed offsets."""
-    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=s.app_id)
+    consumer = kafka_clients.consumer(s, group_id=s.app_id)
     try:
         parts = [
             TopicPartition(s.events_topic, p) for p in consumer.partitions_for_topic(s.events_topic)
