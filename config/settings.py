@@ -222,7 +222,11 @@ class Settings(BaseSettings):
     app_id: str = Field("loopwise-worker", description="Faust app id = Kafka consumer group")
     batch_size: int = Field(2000, ge=1, le=100_000, description="max events per processed batch")
     batch_within_s: float = Field(
-        0.2, gt=0, le=60, description="max seconds to wait to fill a batch"
+        0.2,
+        gt=0,
+        le=60,
+        description="a batch takes the events there now and waits for more only while they "
+        "keep coming, this many seconds at most",
     )
     max_event_bytes: int = Field(
         65_536, ge=256, le=10_485_760, description="larger events are dead-lettered unread"

@@ -1,6 +1,7 @@
 """The Faust app: the events agent, the learner agent and the join timer.
 
-- ``events`` agent: takes batches without acking (``noack_take``), hands them to
+- ``events`` agent: takes batches without acking (:func:`loopwise.streams.batching.take_now`:
+  what is there now, more only while it keeps coming), hands them to
   :class:`loopwise.streams.pipeline.Pipeline` (read → plan → commit: user state,
   reward join, next-best-actions, propensity-log outbox), retries on Redis or
   Kafka errors until the batch succeeds, and only then acks each event in
@@ -35,6 +36,7 @@ from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.learners.arms import ArmAssigner
 from loopwise.redis_clients import redis_client
+from loopwise.streams.batching import take_now
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
@@ -189,7 +191,8 @@ def build_app(
 
     @app.agent(events_topic, concurrency=1)
     async def events(stream: Any) -> None:
-        async for batch in stream.noack_take(settings.batch_size, settings.batch_within_s):
+        batches = take_now(stream, settings.batch_size, 1.0, settings.batch_within_s)
+        async for batch in batches:
             messages = [
                 Message(m.key, m.value, m.topic, m.partition, m.offset)
                 for m in (event.message for event in batch)
