@@ -42,7 +42,7 @@ from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
 from loopwise.streams.errors import ERRORS, PartitionGap, RedisDataLost, is_transient, retry
 from loopwise.streams.learner import Learner, build_policies
-from loopwise.streams.log_tail import decision_ids_at_tail, read_range
+from loopwise.streams.log_tail import decision_ids_at_tail, decision_ids_since, read_range
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.pipeline import BatchReport, Message, Pipeline
 from loopwise.streams.redis_store import Epoch, RedisStore
@@ -149,7 +149,10 @@ def build_app(
         async def log_tail(partition: int, n: int) -> set[str]:
             return await decision_ids_at_tail(settings, partition, n)
 
-        checkpoint = Checkpoint(store, send_deadletters, send_log, log_tail)
+        async def log_since(partition: int, since_ms: int) -> set[str]:
+            return await decision_ids_since(settings, partition, since_ms)
+
+        checkpoint = Checkpoint(store, send_deadletters, send_log, log_tail, log_since)
         loop = LearningLoop(
             settings, maker, RewardJoin(settings.attribution_window_ms, rule), catalog
         )
@@ -162,6 +165,13 @@ def build_app(
     async def recover(gap: PartitionGap) -> None:
         """Read the offsets of a gap again and apply them (before the batch that found it)."""
         log.warning("%s: reading them again", gap)
+        if loop is not None:  # the log may hold decisions Redis lost the close of
+            logged = await retry(
+                lambda: checkpoint.rewound(loop.partitions | {gap.partition}),
+                "reading the log's recent decisions",
+                transient_only=False,
+            )
+            log.warning("%d decisions logged in the last 5 minutes: none is logged twice", logged)
         recovered = 0
         async for records in read_range(
             settings, gap.topic, gap.partition, gap.start, gap.end, settings.batch_size

@@ -20,7 +20,15 @@ replays the batch); a failure after it leaves the records in the outbox, and
 leaves sent records in the outbox: before a partition's outbox is published
 for the first time, and again after any failed publication, the records
 already at the tail of its log partition are dropped from it. So a
-closed decision is logged exactly once, and none is lost. A replayed batch may
+closed decision is logged exactly once, and none is lost.
+
+**A Redis that went back in time** (it lost its last writes: an ``appendfsync everysec``
+AOF after a machine crash; the pipeline finds it as a
+:class:`loopwise.streams.errors.PartitionGap`) still holds, open in ``join:*``, decisions
+whose close it lost, though their records reached the log: they would close and be logged
+again. :meth:`Checkpoint.rewound` reads the decision ids logged in the last
+``REWIND_LOOKBACK_MS`` and, for ``REWIND_GUARD_S``, drops every outbox record whose
+decision is among them. A replayed batch may
 put a dead letter on the topic again (at-least-once), and counts it again:
 ``consumed`` counts deliveries, ``accepted`` each event once.
 """
@@ -40,6 +48,10 @@ log = logging.getLogger("loopwise.checkpoint")
 DeadLetterSink = Callable[[list[tuple[bytes | None, bytes]]], Awaitable[None]]
 LogSink = Callable[[list[tuple[int, bytes, bytes]]], Awaitable[None]]
 LogTail = Callable[[int, int], Awaitable[set[str]]]
+LogSince = Callable[[int, int], Awaitable[set[str]]]  # (partition, since_ms) -> decision ids
+
+REWIND_LOOKBACK_MS = 300_000  # a Redis that lost more than 5 minutes of writes: rebuild
+REWIND_GUARD_S = 600.0
 
 
 class Checkpoint:
@@ -51,12 +63,30 @@ class Checkpoint:
         send_deadletters: DeadLetterSink,
         send_log: LogSink | None = None,
         log_tail: LogTail | None = None,
+        log_since: LogSince | None = None,
     ) -> None:
         self.store = store
         self.send_deadletters = send_deadletters
         self.send_log = send_log
         self.log_tail = log_tail
+        self.log_since = log_since
         self._recovered: set[int] = set()  # partitions whose outbox was checked against the log
+        # after a Redis rewind: decision ids logged shortly before it, and until when to look
+        self._logged_before_rewind: set[str] = set()
+        self._guard_until = 0.0
+
+    async def rewound(self, partitions: Iterable[int]) -> int:
+        """Redis lost its last writes: read the decisions logged on ``partitions`` in the
+        last ``REWIND_LOOKBACK_MS``, so that none is logged again; their number."""
+        if self.log_since is None:
+            return 0
+        since_ms = int(time.time() * 1000) - REWIND_LOOKBACK_MS
+        found: set[str] = set()
+        for partition in sorted(partitions):
+            found |= await self.log_since(partition, since_ms)
+        self._logged_before_rewind |= found
+        self._guard_until = time.monotonic() + REWIND_GUARD_S
+        return len(found)
 
     async def commit(self, plan: BatchPlan) -> None:
         """Steps 1-2: dead letters (acknowledged), then the Redis transaction."""
@@ -80,7 +110,15 @@ class Checkpoint:
             skip = 0
             if partition not in self._recovered:
                 skip = await self._already_on_log(partition, pending)
-            records = [(partition, str(_ours(raw).user_id).encode(), raw) for raw in pending[skip:]]
+            parsed = [_ours(raw) for raw in pending[skip:]]
+            if self._logged_before_rewind:
+                parsed, raws = self._not_logged_before_rewind(partition, parsed, pending[skip:])
+            else:
+                raws = pending[skip:]
+            records = [
+                (partition, str(record.user_id).encode(), raw)
+                for record, raw in zip(parsed, raws, strict=True)
+            ]
             try:
                 if records:
                     await self.send_log(records)
@@ -105,6 +143,25 @@ class Checkpoint:
         if skip:
             log.warning("outbox %d: %d records were already on the log", partition, skip)
         return skip
+
+    def _not_logged_before_rewind(
+        self, partition: int, parsed: list[LogRecord], raws: list[bytes]
+    ) -> tuple[list[LogRecord], list[bytes]]:
+        if time.monotonic() > self._guard_until:
+            self._logged_before_rewind.clear()
+            return parsed, raws
+        logged = self._logged_before_rewind
+        kept = [
+            (r, raw) for r, raw in zip(parsed, raws, strict=True) if r.decision_id not in logged
+        ]
+        if len(kept) < len(parsed):
+            log.warning(
+                "outbox %d: %d records of decisions logged before Redis lost its last writes "
+                "are not logged again",
+                partition,
+                len(parsed) - len(kept),
+            )
+        return [r for r, _ in kept], [raw for _, raw in kept]
 
     def disown(self, partitions: Iterable[int]) -> None:
         """Partitions moved to another worker: check their outbox again if they come back."""

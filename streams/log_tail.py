@@ -82,3 +82,34 @@ async def read_range(
             yield chunk
     finally:
         await consumer.stop()
+
+
+async def decision_ids_since(settings: Settings, partition: int, since_ms: int) -> set[str]:
+    """decision_ids of the records of log partition ``partition`` logged at or after
+    ``since_ms`` (Kafka timestamps)."""
+    consumer = kafka_clients.aio_consumer(settings, enable_auto_commit=False, group_id=None)
+    await consumer.start()
+    try:
+        tp = TopicPartition(settings.propensity_log_topic, partition)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
+        if found is None:
+            return set()
+        consumer.seek(tp, found.offset)
+        ids: set[str] = set()
+        while await consumer.position(tp) < end:
+            batches = await consumer.getmany(tp, timeout_ms=2000)
+            records = batches.get(tp, [])
+            if not records:
+                break
+            for record in records:
+                try:
+                    decision_id = LogRecord.from_json(record.value, check=False).decision_id
+                except LogRecordError:
+                    continue
+                if decision_id is not None:
+                    ids.add(str(decision_id))
+        return ids
+    finally:
+        await consumer.stop()

@@ -7,6 +7,7 @@ checkpoint is checked against a recording store, for the order of its steps.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -589,3 +590,31 @@ def test_a_publication_that_fails_after_the_broker_acked_is_not_sent_twice() -> 
         asyncio.run(retry(lambda: checkpoint.publish([0]), "publishing the outbox"))
     assert [orjson.loads(v)["decision_id"] for v in log] == ["d1", "d2"]
     assert store.outbox[0] == []
+
+
+def test_after_redis_went_back_decisions_already_logged_are_not_logged_again() -> None:
+    """Redis lost its last second: d2 closed (and was logged) in that second, so Redis still
+    holds it open and the join closes it again. After ``rewound``, its second record is
+    dropped; the others go to the log."""
+    log: list[bytes] = [record("d0"), record("d2")]  # what the log holds already
+    store = RecordingStore([], {0: [record("d1"), record("d2"), record("d3")], 1: [record("d0")]})
+
+    async def send_log(records: list[tuple[int, bytes, bytes]]) -> None:
+        log.extend(value for _, _, value in records)
+
+    async def tail(partition: int, n: int) -> set[str]:
+        return set()  # the outbox's first records are new: the prefix check finds nothing
+
+    asked: list[tuple[int, int]] = []
+
+    async def since(partition: int, since_ms: int) -> set[str]:
+        asked.append((partition, since_ms))
+        return {orjson.loads(v)["decision_id"] for v in log}
+
+    checkpoint = Checkpoint(store, deadletters_ignored, send_log, tail, since)  # type: ignore[arg-type]
+    assert asyncio.run(checkpoint.rewound([0, 1])) == 2
+    assert [p for p, _ in asked] == [0, 1]
+    assert abs(asked[0][1] - (time.time() * 1000 - 300_000)) < 5_000
+    assert asyncio.run(checkpoint.publish([0, 1])) == 2
+    assert [orjson.loads(v)["decision_id"] for v in log] == ["d0", "d2", "d1", "d3"]
+    assert store.outbox == {0: [], 1: []}  # the duplicates left the outbox too
