@@ -75,9 +75,7 @@ class LearningLoop:
 
     def disown(self, partitions: Iterable[int]) -> None:
         gone = set(partitions) & self.partitions
-        self.join.drop([i for i, d in self.join.open.items() if d.partition in gone])
-        for partition in gone:
-            self.join.watermarks.pop(partition, None)
+        self.join.disown(gone)
         self.partitions -= gone
 
     def forget_memory(self) -> None:

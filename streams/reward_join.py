@@ -24,6 +24,7 @@ Redis with each batch and reloads them after a restart.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -172,6 +173,12 @@ class RewardJoin:
         self.watermarks: dict[int, int] = {}  # events partition -> largest event time seen
         # (user_id, item_id) -> decision_id of the latest open decision showing that item
         self._latest_view: dict[tuple[str, str], str] = {}
+        # When each open decision falls due, so that closing looks at the due ones only:
+        # (wall-clock end, seq, id), and per partition (event-time end, seq, id). Entries of
+        # decisions no longer open are skipped when they come up.
+        self._wall_ends: list[tuple[int, int, str]] = []
+        self._time_ends: dict[int, list[tuple[int, int, str]]] = {}
+        self._seq = 0
 
     def load(self, decisions: Iterable[OpenDecision]) -> None:
         """Add decisions restored from Redis (after a restart or a rebalance)."""
@@ -186,6 +193,13 @@ class RewardJoin:
                 key = (open_decision.decision.user_id, open_decision.decision.item_id)
                 if self._latest_view.get(key) == decision_id:
                     del self._latest_view[key]
+
+    def disown(self, partitions: set[int]) -> None:
+        """Forget the open decisions, watermarks and due times of ``partitions``."""
+        self.drop([i for i, d in self.open.items() if d.partition in partitions])
+        for partition in partitions:
+            self.watermarks.pop(partition, None)
+            self._time_ends.pop(partition, None)
 
     def apply(
         self,
@@ -280,14 +294,13 @@ class RewardJoin:
     def close_due(self, now_wall_ms: int, changes: JoinChanges) -> None:
         """Close every decision whose window ended in its partition's event time or in
         wall-clock time."""
-        watermarks, window = self.watermarks, self.window_ms
-        due = [
-            d
-            for d in self.open.values()
-            if watermarks.get(d.partition, 0) > d.shown_at + window
-            or now_wall_ms > d.opened_wall_ms + window
-        ]
-        for open_decision in sorted(due, key=lambda d: d.shown_at):
+        found: dict[str, int] = {}  # decision_id -> seq (the order in which it was opened)
+        self._pop_due(self._wall_ends, now_wall_ms, found)
+        for partition, ends in self._time_ends.items():
+            self._pop_due(ends, self.watermarks.get(partition, 0), found)
+        due = [self.open[i] for i in found]
+        due.sort(key=lambda d: (d.shown_at, found[d.decision.decision_id]))
+        for open_decision in due:
             decision_id = open_decision.decision.decision_id
             self.drop([decision_id])
             changes.updated.discard(decision_id)
@@ -317,7 +330,19 @@ class RewardJoin:
             },
         )
 
+    def _pop_due(self, ends: list[tuple[int, int, str]], now: int, found: dict[str, int]) -> None:
+        """Move the decisions of ``ends`` (a heap) that ended before ``now`` into ``found``."""
+        while ends and ends[0][0] < now:
+            _, seq, decision_id = heapq.heappop(ends)
+            if decision_id in self.open:
+                found.setdefault(decision_id, seq)
+
     def _track(self, open_decision: OpenDecision) -> None:
         decision = open_decision.decision
+        self._seq += 1
+        window, seq, decision_id = self.window_ms, self._seq, decision.decision_id
+        heapq.heappush(self._wall_ends, (open_decision.opened_wall_ms + window, seq, decision_id))
+        ends = self._time_ends.setdefault(open_decision.partition, [])
+        heapq.heappush(ends, (open_decision.shown_at + window, seq, decision_id))
         self.open[decision.decision_id] = open_decision
         self._latest_view[(decision.user_id, decision.item_id)] = decision.decision_id

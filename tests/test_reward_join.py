@@ -171,3 +171,56 @@ def test_a_forget_does_not_move_the_watermark() -> None:
     forget = Event("f1", "forget", "u9", "", 10_000_000, {"type": "forget"}), 0
     changes = run(join, [forget], {})
     assert not changes.closed and set(join.open) == {"d1"}
+
+
+def test_closing_takes_exactly_what_a_scan_of_every_open_decision_would_in_its_order() -> None:
+    """The join keeps due times in heaps; the decisions it closes, and their order, are the
+    ones a scan of all open decisions finds (sorted by view time, then opening order)."""
+    import random
+
+    rng = random.Random(5)
+    join = RewardJoin(WINDOW, RewardRule(1.0, 0.0, 0.0, 0.0))
+    reference: dict[str, OpenDecision] = {}
+    order: list[str] = []
+    for step in range(300):
+        batch = []
+        for k in range(rng.randrange(0, 6)):
+            d = decision(f"d{step}-{k}", user=f"u{rng.randrange(50)}")
+            batch.append(
+                OpenDecision(
+                    d,
+                    shown_at=rng.randrange(step * 10, step * 10 + 400),
+                    opened_wall_ms=step * 20 + rng.randrange(30),
+                    context={},
+                    partition=rng.randrange(3),
+                )
+            )
+        join.load(batch)
+        for o in sorted(batch, key=lambda o: o.shown_at):
+            reference[o.decision.decision_id] = o
+            order.append(o.decision.decision_id)
+        if rng.random() < 0.1 and reference:  # consent withdrawn: dropped, never closed
+            gone = rng.choice(list(reference))
+            join.drop([gone])
+            del reference[gone]
+        for p in range(3):
+            join.watermarks[p] = max(join.watermarks.get(p, 0), step * 10 + rng.randrange(200))
+        now = step * 20
+        expected = [
+            o
+            for i in order
+            if (o := reference.get(i)) is not None
+            and (
+                join.watermarks.get(o.partition, 0) > o.shown_at + WINDOW
+                or now > o.opened_wall_ms + WINDOW
+            )
+        ]
+        expected.sort(key=lambda o: o.shown_at)
+        changes = JoinChanges()
+        join.close_due(now, changes)
+        assert [o.decision.decision_id for o in changes.closed] == [
+            o.decision.decision_id for o in expected
+        ], step
+        for o in expected:
+            del reference[o.decision.decision_id]
+    assert set(join.open) == set(reference)
