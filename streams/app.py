@@ -104,6 +104,10 @@ def build_app(
         # next snapshot, and every unacked event is replayed and skipped (idempotent) anyway.
         stream_wait_empty=False,
         broker_heartbeat_interval=3.0,
+        # No tables, so no standbys: with Faust's default (1 standby replica) its sticky
+        # assignor fills each worker up to ceil(P/N) and a third worker on 4 partitions got
+        # none (2+2+0); without standbys it balances down to floor(P/N) (2+1+1).
+        table_standby_replicas=0,
     )
     events_topic = _raw_topic(app, settings.events_topic)
     deadletter_topic = _raw_topic(app, settings.deadletter_topic)
@@ -224,6 +228,11 @@ def build_app(
                 EVENTS.labels(outcome).inc(report.counters[outcome])
             for event in batch:
                 await stream.ack(event)
+
+    @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+    async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        owned = sorted(tp.partition for tp in assigned if tp.topic == settings.events_topic)
+        log.info("events partitions assigned to this worker: %s", owned)
 
     if loop is not None and learner is not None:
         the_loop, the_learner = loop, learner
