@@ -312,7 +312,8 @@ class Pipeline:
         )
         counters = Counter({"consumed": 1, "deadlettered": 1, "deadletter:processing_error": 1})
         plan = BatchPlan(deadletters=[(message.key, record)], counters=counters)
-        plan.positions = {message.partition: message.offset + 1}
+        position = max(message.offset + 1, self.positions.get(message.partition, -1))
+        plan.positions = {message.partition: position}
 
         async def commit() -> BatchReport:
             try:
@@ -385,7 +386,7 @@ class Pipeline:
                 inputs.item_versions = dict(await self.store.item_versions(missing))
 
         plan = BatchPlan(deadletters=batch.deadletters, counters=batch.counters)
-        for m in messages:
+        for m in new_messages:  # redelivered ones lie below the position: it never goes back
             if m.offset >= plan.positions.get(m.partition, -1):
                 plan.positions[m.partition] = m.offset + 1
         applied = inputs.applied

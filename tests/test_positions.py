@@ -81,6 +81,11 @@ def test_a_redelivered_batch_is_recognised_by_offset_even_after_the_dedupe_windo
     assert report.counters["consumed"] == 3
     assert report.counters["accepted"] == 0 and report.counters["deadlettered"] == 0
     assert dead == []  # the refused message is not dead-lettered a second time
+    assert store.stored_positions == {0: 3}
+
+    older = asyncio.run(again.process(batch[:1]))  # an even older redelivery, alone
+    assert older.counters["redelivered"] == 1
+    assert store.stored_positions == {0: 3}  # the position never goes back
 
 
 def test_a_batch_that_straddles_the_position_applies_only_what_is_new() -> None:
