@@ -230,7 +230,7 @@ class Frame:
         return cls(m["func"], m["file"], int(m["line"] or 0))
 
     def __str__(self) -> str:
-        return f"{self.func} ({short(self.file)}:{self.line})"
+        return f"{self.func} ({short(self.file)})"
 
 
 def short(path: str) -> str:
@@ -337,6 +337,7 @@ def aggregate(samples: list[Sample], measured: dict[str, Any]) -> dict[str, Any]
     other_leaves: Counter[str] = Counter()
     other_inner: Counter[str] = Counter()
     threads: Counter[str] = Counter()
+    stage_leaves: dict[str, Counter[str]] = {}
     for s in samples:
         stage = classify(s.frames)
         by_stage[stage] += s.count
@@ -347,6 +348,7 @@ def aggregate(samples: list[Sample], measured: dict[str, Any]) -> dict[str, Any]
         threads[s.thread] += s.count
         leaf = str(s.frames[-1]) if s.frames else "?"
         leaves[leaf] += s.count
+        stage_leaves.setdefault(stage, Counter())[leaf] += s.count
         if stage == OTHER:
             other_leaves[leaf] += s.count
             ours = next((f for f in reversed(s.frames) if not is_stdlib(f)), None)
@@ -400,6 +402,10 @@ def aggregate(samples: list[Sample], measured: dict[str, Any]) -> dict[str, Any]
             {"function": f, "samples": n, "share_of_active": n / active}
             for f, n in leaves.most_common(30)
         ],
+        "top_leaves_by_stage": {
+            stage: [{"function": f, "samples": n} for f, n in counter.most_common(5)]
+            for stage, counter in stage_leaves.items()
+        },
         "top_other": [
             {"function": f, "samples": n, "share_of_active": n / active}
             for f, n in other_leaves.most_common(15)
@@ -441,6 +447,10 @@ def _child_of(parent: int, timeout_s: float = 30) -> int:
 def _redis_cpu_s(client: Any) -> float:
     info = client.info("cpu")
     return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def py_spy() -> str:
@@ -497,7 +507,7 @@ def profile_worker(settings: Settings, n: int, raw: Path) -> dict[str, Any]:
             "py_spy_cpu_s": (spy_ticks - spy0) / hz,
             "consumed_at_start_of_window": c0,
             "consumed": consumed,
-            "stats": {k.decode(): int(v) for k, v in client.hgetall(stats_key).items()},
+            "stats": {_text(k): _text(v) for k, v in client.hgetall(stats_key).items()},
         }
         os.kill(worker, signal.SIGTERM)  # py-spy writes the stacks once its child exits
         spy.wait(timeout=120)
@@ -595,6 +605,43 @@ def plot(paths: list[Path], out: Path) -> None:
     plt.close(fig)
 
 
+def markdown(paths: list[Path]) -> str:
+    """The README's table: CPU µs per event (share) per stage, one column per mode measured."""
+    results = [orjson.loads(p.read_bytes()) for p in paths if p.is_file()]
+    if not results:
+        return ""
+    modes = ["state only" if r["config"]["state_only"] else "full loop" for r in results]
+    stages = list(
+        dict.fromkeys(s["stage"] for r in results for s in r["stages"] if s["samples"] > 0)
+    )
+    lines = [
+        "| stage | " + " | ".join(f"{m}: CPU µs/event (share)" for m in modes) + " |",
+        "| --- |" + " ---: |" * len(results),
+    ]
+    for stage in stages:
+        cells = []
+        for r in results:
+            row = next((s for s in r["stages"] if s["stage"] == stage), None)
+            if row is None or not row["samples"]:
+                cells.append("-")
+            else:
+                share = 100 * row["share_of_active"]
+                cells.append(f"{row['cpu_us_per_event']:.1f} ({share:.1f}%)")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    rows = [
+        ("**worker CPU, all stages** (/proc)", "cpu_us_per_event", "**{:.1f}**"),
+        ("idle: event loop waiting (wall - loop thread CPU)", None, "{:.1f} wall"),
+        ("**wall per event**", "wall_us_per_event", "**{:.1f}**"),
+        ("Redis server CPU (INFO cpu)", "redis_server_cpu_us_per_event", "{:.1f}"),
+    ]
+    for label, key, fmt in rows:
+        values = [
+            r["idle"]["wall_us_per_event"] if key is None else r["totals"][key] for r in results
+        ]
+        lines.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + " |")
+    return "\n".join(lines)
+
+
 def _us(result: dict[str, Any], stage: str) -> float:
     return next((r["cpu_us_per_event"] for r in result["stages"] if r["stage"] == stage), 0.0)
 
@@ -672,8 +719,11 @@ def main() -> None:
     out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
     report(result)
     console.print(f"written to {out} (raw stacks: {raw})")
+    paths = [RESULTS / "profile.json", RESULTS / "profile-state-only.json"]
+    console.print("README table (the modes measured so far):")
+    console.print(markdown(paths), markup=False, highlight=False)
     if not args.no_plot:
-        plot([RESULTS / "profile.json", RESULTS / "profile-state-only.json"], DOCS / "profile.png")
+        plot(paths, DOCS / "profile.png")
         console.print(f"plot: {DOCS / 'profile.png'}")
 
 
