@@ -26,7 +26,7 @@ improved. ``--reclassify`` applies the rules again to the kept raw profile (no n
 
 Run: ``make bench-profile`` or ``.venv/bin/python -m bench.bench_profile [--state-only]``.
 Writes ``bench/results/profile.json`` (``profile-state-only.json``), the raw stacks beside
-it (``.raw.txt``), and ``docs/profile.png`` (the modes measured so far).
+it (``.raw.txt``, not committed), and ``docs/profile.png`` (the modes measured so far).
 """
 
 from __future__ import annotations
