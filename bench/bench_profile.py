@@ -73,7 +73,10 @@ class Rule:
     - ``"any"``: anywhere in the stack (the time under that call, callees included);
     - ``"leaf"``: the innermost frame only (the function's own lines);
     - ``"inner"``: the innermost frame that is not the standard library's (the library whose
-      code asked for the time, e.g. Faust calling asyncio's queue).
+      code asked for the time, e.g. Faust calling asyncio's queue), within what the event
+      loop runs now (the frames after its last ``Handle._run``);
+    - ``"root"``: the first frame of what the event loop runs now (a task's coroutine, or a
+      callback).
 
     Function names are py-spy's qualified ones (``RedisStore.commit``); a pattern matches
     the whole name or its last dotted part.
@@ -99,6 +102,14 @@ RULES: list[Rule] = [
         "any",
         r"_find_and_load|build_app|open_epoch|ensure_topics|_wait_for_group_coordinator|load_snapshot|_stop_on_signal|_shutdown_loop|on_worker_shutdown|stop_and_shutdown",
     ),
+    # Faust runs aiokafka's consumer in a thread of its own (mode's ServiceThread, with its
+    # own event loop): fetching, parsing records, handing them to the main loop.
+    Rule(
+        "consumer thread (aiokafka fetch + parse, hand-over)",
+        "any",
+        r"_start_thread",
+        r"/mode/threads\.py$",
+    ),
     # The learner agent on the propensity log (its stream iteration included) and snapshots.
     Rule(
         "learner agent (learn, snapshot)",
@@ -109,6 +120,7 @@ RULES: list[Rule] = [
     Rule("learner agent (learn, snapshot)", "any", None, r"/streams/learner\.py$"),
     # Decisions: VW's pmf, then the rest of deciding (features, sampling, serialization).
     Rule("decisions: VW pmf", "any", None, r"/learners/vw_policy\.py$|/vowpalwabbit/"),
+    Rule("decisions: candidates (top-k)", "any", r"candidates", r"/streams/decisions\.py$"),
     Rule(
         "decisions: features, sampling, JSON",
         "any",
@@ -195,21 +207,37 @@ RULES: list[Rule] = [
     Rule("events agent (Message objects, metrics)", "leaf", None, r"/streams/app\.py$"),
     Rule("events agent (Message objects, metrics)", "inner", None, r"/prometheus_client/"),
     Rule(
-        "Faust/mode per-event machinery (stream, channel, conductor)",
-        "inner",
+        "Faust consumer: drain + conductor (per message)",
+        "any",
         None,
-        r"/(faust|mode)/",
+        r"/faust/transport/(consumer|conductor|drivers/aiokafka)\.py$|/faust/serializers/",
     ),
-    Rule("aiokafka consumer (fetch, records, protocol)", "inner", None, r"/(aiokafka|kafka)/"),
+    Rule(
+        "Faust stream iteration (stream, channel, event)",
+        "any",
+        None,
+        r"/faust/(streams|channels|events|topics)\.py$",
+    ),
+    Rule("Faust/mode other (agents, services, wait_first)", "inner", None, r"/(faust|mode)/"),
+    # Tasks that only wait: mode's wait_first makes three per call (the awaited thing, the
+    # service's stopped and crashed events) around an asyncio.wait.
+    Rule(
+        "short-lived waiting tasks (wait_first: Event.wait, asyncio.wait, Queue.get)",
+        "root",
+        r"Event\.wait|wait|_wait|Queue\.get|sleep|_on_completion|<genexpr>",
+        r"/asyncio/(locks|tasks|queues)\.py$|/mode/utils/locks\.py$",
+    ),
+    Rule("aiokafka (consumer commits, metadata, protocol)", "inner", None, r"/(aiokafka|kafka)/"),
     Rule("redis-py (other)", "inner", None, r"/(redis|hiredis)/"),
     Rule("logging", "inner", None, r"/logging/"),
-    Rule("asyncio event loop (scheduling, callbacks)", "inner", None, r"/asyncio/"),
+    Rule("asyncio event loop (scheduling, task steps)", "inner", None, r"/asyncio/"),
 ]
 """The stages, as rules tried in order on every sampled stack: the first that matches
 names its stage; none: "other". Order matters: a specific call (``RedisStore.commit``) comes
 before what calls it (the events agent, Faust's agent machinery), the libraries last."""
 
 STARTUP = "startup / shutdown"
+NATIVE = "no Python frame (py-spy saw native code only)"
 IDLE = "idle"
 OTHER = "other"
 
@@ -287,13 +315,16 @@ def _task_frames(frames: list[Frame]) -> list[Frame]:
 def classify(frames: list[Frame]) -> str:
     """The stage of one stack (root first): the first rule of :data:`RULES` that matches."""
     if not frames:
-        return OTHER
+        return NATIVE
     task = _task_frames(frames)
     inner = next((f for f in reversed(task) if not is_stdlib(f)), None)
     in_loop = any("/asyncio/" in f.file for f in frames)
     for rule in RULES:
         if rule.where == "leaf":
             if _matches(rule, frames[-1]):
+                return rule.stage
+        elif rule.where == "root":
+            if task and _matches(rule, task[0]):
                 return rule.stage
         elif rule.where == "inner":
             if inner is not None and _matches(rule, inner):
@@ -362,6 +393,7 @@ def aggregate(samples: list[Sample], measured: dict[str, Any]) -> dict[str, Any]
     stages = []
     for stage in [
         *dict.fromkeys([r.stage for r in RULES if r.stage not in (IDLE, STARTUP)]),
+        NATIVE,
         OTHER,
     ]:
         n = by_stage.get(stage, 0)
@@ -463,21 +495,23 @@ def py_spy() -> str:
     return which
 
 
-def profile_worker(settings: Settings, n: int, raw: Path) -> dict[str, Any]:
-    """The worker under py-spy over the backlog; the /proc and Redis measurements."""
+def profile_worker(settings: Settings, n: int, raw: Path | None) -> dict[str, Any]:
+    """The worker under py-spy over the backlog (``raw``: where py-spy writes the stacks;
+    ``None``: the worker alone, to see py-spy's overhead); the /proc and Redis measurements."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("LOOPWISE_")}
     env.update(settings.as_env())
     env["LOOPWISE_WORKER_LOG_LEVEL"] = "warning"
-    command = [
+    worker_command = [sys.executable, "-m", "loopwise.cli", "worker"]
+    command = worker_command if raw is None else [
         py_spy(), "record", "--format", "raw", "--rate", str(RATE), "--subprocesses",
         "--nonblocking", "--idle", "--threads", "--full-filenames", "-o", str(raw),
-        "--", sys.executable, "-m", "loopwise.cli", "worker",
+        "--", *worker_command,
     ]  # fmt: skip
     client = redis_client(settings)
     spy = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
     stats_key = settings.key("stats")
     try:
-        worker = _child_of(spy.pid)
+        worker = spy.pid if raw is None else _child_of(spy.pid)
         first: tuple[float, int, int, int, float, int] | None = None
         deadline = time.monotonic() + 900
         while True:
@@ -509,6 +543,8 @@ def profile_worker(settings: Settings, n: int, raw: Path) -> dict[str, Any]:
             "consumed": consumed,
             "stats": {_text(k): _text(v) for k, v in client.hgetall(stats_key).items()},
         }
+        if raw is None:
+            measured["py_spy_cpu_s"] = 0.0
         os.kill(worker, signal.SIGTERM)  # py-spy writes the stacks once its child exits
         spy.wait(timeout=120)
     finally:
@@ -560,6 +596,14 @@ def report(result: dict[str, Any]) -> None:
     spy_us = m.get("py_spy_cpu_s", 0.0) * 1e6 / m["events"]
     table.add_row("py-spy's own CPU (/proc)", "", f"{spy_us:.1f}")
     console.print(table)
+    if "without_py_spy" in m:
+        b = m["without_py_spy"]
+        cpu, wall = b["cpu_s"] * 1e6 / b["events"], b["wall_s"] * 1e6 / b["events"]
+        console.print(
+            f"without py-spy: {b['events'] / b['wall_s']:,.0f} events/s, worker CPU "
+            f"{cpu:.1f} µs/event, wall {wall:.1f} µs/event "
+            f"(under py-spy: {m['events'] / m['wall_s']:,.0f} events/s)"
+        )
     other = next(r for r in result["stages"] if r["stage"] == OTHER)
     console.print(
         f"other: {100 * other['share_of_active']:.1f}% of CPU samples; its top functions:"
@@ -662,6 +706,11 @@ def main() -> None:
         action="store_true",
         help="no run: apply the rules again to the kept raw stacks of the last run of this mode",
     )
+    parser.add_argument(
+        "--skip-baseline",
+        action="store_true",
+        help="do not also run the worker without py-spy (to measure py-spy's overhead)",
+    )
     parser.add_argument("--no-plot", action="store_true", help="do not write docs/profile.png")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -695,6 +744,10 @@ def main() -> None:
                 settings = fresh(base).model_copy(update={"decisions": not args.state_only})
                 console.print(f"profiling the worker over {n:,} events (py-spy, {RATE} Hz)")
                 measured = profile_worker(settings, n, raw)
+                if not args.skip_baseline:
+                    console.print("the same without py-spy (its overhead)")
+                    alone = fresh(base).model_copy(update={"decisions": not args.state_only})
+                    measured["without_py_spy"] = profile_worker(alone, n, None)
             finally:
                 infra.down()
         config = {

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.bench_profile import IDLE, OTHER, STARTUP, Frame, aggregate, classify, read_raw
+from bench.bench_profile import IDLE, NATIVE, OTHER, STARTUP, Frame, aggregate, classify, read_raw
 
 SITE = "/x/.venv/lib/python3.11/site-packages"
 STDLIB = "/usr/lib/python3.11"
@@ -155,16 +155,31 @@ def stack(*frames: str) -> list[Frame]:
                 f"Conductor.on_message ({SITE}/faust/transport/conductor.py:110)",
                 f"Queue.put ({STDLIB}/asyncio/queues.py:140)",
             ],
-            "Faust/mode per-event machinery (stream, channel, conductor)",
+            "Faust consumer: drain + conductor (per message)",
         ),
         (
             [*TASK, f"Fetcher._fetch_requests_routine ({SITE}/aiokafka/consumer/fetcher.py:500)"],
-            "aiokafka consumer (fetch, records, protocol)",
+            "aiokafka (consumer commits, metadata, protocol)",
         ),
         (
             [*ROOT, f"BaseEventLoop._process_events ({STDLIB}/asyncio/selector_events.py:600)"],
-            "asyncio event loop (scheduling, callbacks)",
+            "asyncio event loop (scheduling, task steps)",
         ),
+        (
+            [*TASK, f"Event.wait ({STDLIB}/asyncio/locks.py:210)"],
+            "short-lived waiting tasks (wait_first: Event.wait, asyncio.wait, Queue.get)",
+        ),
+        (
+            [
+                f"Thread._bootstrap ({STDLIB}/threading.py:1002)",
+                f"ServiceThread._start_thread ({SITE}/mode/threads.py:211)",
+                f"BaseEventLoop._run_once ({STDLIB}/asyncio/base_events.py:1922)",
+                f"Handle._run ({STDLIB}/asyncio/events.py:80)",
+                f"PartitionRecords.__next__ ({SITE}/aiokafka/consumer/fetcher.py:100)",
+            ],
+            "consumer thread (aiokafka fetch + parse, hand-over)",
+        ),
+        ([], NATIVE),
         ([*TASK, f"somewhere ({SITE}/unknownlib/x.py:1)"], OTHER),
     ],
 )
