@@ -585,7 +585,7 @@ def report(result: dict[str, Any]) -> None:
         "[bold]worker CPU, all stages", "100.0", f"[bold]{totals['cpu_us_per_event']:.1f}"
     )
     table.add_row(
-        "idle: event loop waiting (wall - loop CPU)",
+        "not on a CPU (wall - loop thread CPU)",
         f"({100 * idle['sampled_share_of_main_thread']:.0f}% of loop samples)",
         f"{idle['wall_us_per_event']:.1f} wall",
     )
@@ -627,7 +627,7 @@ def plot(paths: list[Path], out: Path) -> None:
         stages += [s["stage"] for s in r["stages"] if s["stage"] not in stages]
     stages = [s for s in stages if any(_us(r, s) > 0 for r in results)]
     stages.reverse()
-    fig, ax = plt.subplots(figsize=(9, 0.35 * len(stages) + 1.6), constrained_layout=True)
+    fig, ax = plt.subplots(figsize=(12, 0.3 * len(stages) + 1.6), constrained_layout=True)
     height = 0.8 / len(results)
     for i, r in enumerate(results):
         mode = "state only" if r["config"]["state_only"] else "full loop"
@@ -674,7 +674,11 @@ def markdown(paths: list[Path]) -> str:
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     rows = [
         ("**worker CPU, all stages** (/proc)", "cpu_us_per_event", "**{:.1f}**"),
-        ("idle: event loop waiting (wall - loop thread CPU)", None, "{:.1f} wall"),
+        (
+            "not on a CPU: select, or waiting for a core or the GIL (wall - loop thread CPU)",
+            None,
+            "{:.1f} wall",
+        ),
         ("**wall per event**", "wall_us_per_event", "**{:.1f}**"),
         ("Redis server CPU (INFO cpu)", "redis_server_cpu_us_per_event", "{:.1f}"),
     ]
@@ -683,6 +687,20 @@ def markdown(paths: list[Path]) -> str:
             r["idle"]["wall_us_per_event"] if key is None else r["totals"][key] for r in results
         ]
         lines.append(f"| {label} | " + " | ".join(fmt.format(v) for v in values) + " |")
+    spy, rates, alone = [], [], []
+    for r in results:
+        m = r["measured"]
+        spy.append(f"{m.get('py_spy_cpu_s', 0.0) * 1e6 / m['events']:.1f}")
+        rates.append(f"{m['events'] / m['wall_s']:,.0f}")
+        b = m.get("without_py_spy")
+        alone.append(
+            f"{b['events'] / b['wall_s']:,.0f} events/s, {b['cpu_s'] * 1e6 / b['events']:.0f}"
+            if b
+            else "-"
+        )
+    lines.append("| py-spy's own CPU (/proc) | " + " | ".join(spy) + " |")
+    lines.append("| events/s under py-spy | " + " | ".join(rates) + " |")
+    lines.append("| without py-spy: events/s, worker CPU µs/event | " + " | ".join(alone) + " |")
     return "\n".join(lines)
 
 
@@ -774,7 +792,7 @@ def main() -> None:
     console.print(f"written to {out} (raw stacks: {raw})")
     paths = [RESULTS / "profile.json", RESULTS / "profile-state-only.json"]
     console.print("README table (the modes measured so far):")
-    console.print(markdown(paths), markup=False, highlight=False)
+    print(markdown(paths))  # not rich's console: it would wrap the table's lines
     if not args.no_plot:
         plot(paths, DOCS / "profile.png")
         console.print(f"plot: {DOCS / 'profile.png'}")
