@@ -146,13 +146,13 @@ RULES: list[Rule] = [
     Rule("timers", "any", r"close_idle_decisions|tick", r"/streams/(app|pipeline)\.py$"),
     # The outbox: read from Redis, parsed, sent to the log, trimmed.
     Rule(
-        "outbox: Kafka producer (send_log, aiokafka)",
+        "outbox: Kafka producer (send_log, Faust producer, aiokafka)",
         "any",
         r"send_log|send_deadletters",
         r"/streams/app\.py$",
     ),
     Rule(
-        "outbox: Kafka producer (send_log, aiokafka)",
+        "outbox: Kafka producer (send_log, Faust producer, aiokafka)",
         "any",
         None,
         r"/aiokafka/producer/|/faust/transport/producer\.py$",

@@ -130,7 +130,7 @@ def stack(*frames: str) -> list[Frame]:
                 f"Checkpoint.publish ({REPO}/streams/checkpoint.py:120)",
                 f"build_app.<locals>.send_log ({REPO}/streams/app.py:120)",
             ],
-            "outbox: Kafka producer (send_log, aiokafka)",
+            "outbox: Kafka producer (send_log, Faust producer, aiokafka)",
         ),
         (
             [
