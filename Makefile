@@ -66,7 +66,7 @@ bench-soak: install  ## worker RSS and Redis memory under 10 minutes of steady t
 bench-faults: install  ## worker SIGKILLs, broker and Redis kill -9, poison input, learning loop on: what was lost (~12 min)
 	$(BIN)/python -m bench.bench_faults
 
-bench-profile: install  ## the worker under py-spy over 200k events: CPU µs per event per stage (~3 min)
+bench-profile: install  ## the worker under py-spy over 200k events: CPU µs per event per stage, full loop and state only (~7 min)
 	$(BIN)/python -m bench.bench_profile
 	$(BIN)/python -m bench.bench_profile --state-only
 

@@ -12,7 +12,9 @@ One run (real Kafka broker, real Redis, started here on free ports):
 3. from the first applied batch to the last, the worker's CPU time (all threads, and its
    event-loop thread alone) is read from ``/proc`` along with the wall time, and Redis's own
    CPU time from ``INFO cpu``; then the worker gets SIGTERM and py-spy writes the stacks;
-4. every sampled stack is put in one stage by :data:`RULES` (below; the first rule that
+4. the same worker runs again without py-spy on a fresh group (``--skip-baseline``: not),
+   measured the same way: the profiler's overhead;
+5. every sampled stack is put in one stage by :data:`RULES` (below; the first rule that
    matches wins), and each stage's share of the active (not idle) samples is turned into
    CPU µs per event: share x worker CPU seconds in the window / events in the window.
 
