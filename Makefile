@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults bench-profile clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -65,6 +65,10 @@ bench-soak: install  ## worker RSS and Redis memory under 10 minutes of steady t
 
 bench-faults: install  ## worker SIGKILLs, broker and Redis kill -9, poison input, learning loop on: what was lost (~12 min)
 	$(BIN)/python -m bench.bench_faults
+
+bench-profile: install  ## the worker under py-spy over 200k events: CPU µs per event per stage, full loop and state only (~7 min)
+	$(BIN)/python -m bench.bench_profile
+	$(BIN)/python -m bench.bench_profile --state-only
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache

@@ -21,6 +21,7 @@ def test_bench_help_lists_every_benchmark() -> None:
         ("worker", "--help", ["--events", "--repeat"]),
         ("policies", "-h", ["--jobs"]),
         ("faults", "--help", ["--events", "--kills", "--seed", "--out"]),
+        ("profile", "--help", ["--events", "--state-only", "--reclassify"]),
     ],
 )
 def test_a_benchmarks_help_is_its_own_argparse_help(
