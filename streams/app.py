@@ -23,6 +23,7 @@ and the decisions (which read them): one event loop, no thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Callable, Mapping
@@ -201,8 +202,11 @@ def build_app(
         while True:
             try:
                 return await pipeline.process_isolating(messages, retry)
-            except PartitionGap as gap:
-                await recover(gap)
+            except PartitionGap as found:
+                # Kafka or Redis failing meanwhile: read the gap again from its start (what
+                # was applied of it lies below the position now, and is skipped).
+                again = functools.partial(recover, found)
+                await retry(again, "reading a gap again", transient_only=False)
 
     last_batch = [float("-inf")]  # when the last batch ended (perf_counter)
 
