@@ -590,6 +590,7 @@ def bench(ctx: click.Context, name: str, args: tuple[str, ...]) -> None:
     if str(checkout) not in sys.path:
         sys.path.insert(0, str(checkout))  # bench/ is not installed (one namespace: loopwise)
     sys.argv = [f"bench_{name}", *args, *ctx.args]  # argv[0]: runpy sets the file name
+    sys.modules.pop(f"bench.bench_{name}", None)  # imported already (by a test): run it afresh
     runpy.run_module(f"bench.bench_{name}", run_name="__main__", alter_sys=True)
 
 
