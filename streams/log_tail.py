@@ -5,9 +5,9 @@ Redis lost, :meth:`loopwise.streams.pipeline.Pipeline.gaps`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
-from aiokafka import TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from loopwise import kafka_clients
 from loopwise.config import Settings
@@ -18,23 +18,37 @@ STALL_TIMEOUT_S = 60.0
 
 async def decision_ids_at_tail(settings: Settings, partition: int, n: int) -> set[str]:
     """decision_ids of the last ``n`` records of partition ``partition`` of the log topic."""
+
+    async def start(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> int:
+        return max(0, end - n)
+
+    return await _decision_ids(settings, partition, start)
+
+
+async def _decision_ids(
+    settings: Settings,
+    partition: int,
+    start_of: Callable[[AIOKafkaConsumer, TopicPartition, int], Awaitable[int | None]],
+) -> set[str]:
+    """decision_ids of log partition ``partition`` from ``start_of(consumer, tp, end)`` (None:
+    nothing) to its end offset."""
     consumer = kafka_clients.aio_consumer(settings, enable_auto_commit=False, group_id=None)
     await consumer.start()
     try:
         tp = TopicPartition(settings.propensity_log_topic, partition)
         consumer.assign([tp])
         end = (await consumer.end_offsets([tp]))[tp]
-        start = max(0, end - n)
+        start = await start_of(consumer, tp, end)
+        if start is None:
+            return set()
         consumer.seek(tp, start)
         ids: set[str] = set()
-        position = start
-        while position < end:
+        while await consumer.position(tp) < end:
             batches = await consumer.getmany(tp, timeout_ms=2000)
             records = batches.get(tp, [])
             if not records:
                 break
             for record in records:
-                position = record.offset + 1
                 try:
                     decision_id = LogRecord.from_json(record.value, check=False).decision_id
                 except LogRecordError:
@@ -87,29 +101,9 @@ async def read_range(
 async def decision_ids_since(settings: Settings, partition: int, since_ms: int) -> set[str]:
     """decision_ids of the records of log partition ``partition`` logged at or after
     ``since_ms`` (Kafka timestamps)."""
-    consumer = kafka_clients.aio_consumer(settings, enable_auto_commit=False, group_id=None)
-    await consumer.start()
-    try:
-        tp = TopicPartition(settings.propensity_log_topic, partition)
-        consumer.assign([tp])
-        end = (await consumer.end_offsets([tp]))[tp]
+
+    async def start(consumer: AIOKafkaConsumer, tp: TopicPartition, end: int) -> int | None:
         found = (await consumer.offsets_for_times({tp: since_ms}))[tp]
-        if found is None:
-            return set()
-        consumer.seek(tp, found.offset)
-        ids: set[str] = set()
-        while await consumer.position(tp) < end:
-            batches = await consumer.getmany(tp, timeout_ms=2000)
-            records = batches.get(tp, [])
-            if not records:
-                break
-            for record in records:
-                try:
-                    decision_id = LogRecord.from_json(record.value, check=False).decision_id
-                except LogRecordError:
-                    continue
-                if decision_id is not None:
-                    ids.add(str(decision_id))
-        return ids
-    finally:
-        await consumer.stop()
+        return None if found is None else found.offset
+
+    return await _decision_ids(settings, partition, start)
