@@ -53,11 +53,10 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.bench_worker import fresh, preload
-from loopwise.config import Settings, load_settings
+from bench.bench_worker import bench_settings, fresh, preload
+from loopwise.config import Settings
 from loopwise.infra import LocalInfra
 from loopwise.redis_clients import redis_client
-from loopwise.streams.topics import ensure_topics
 
 console = Console()
 RESULTS = Path(__file__).parent / "results"
@@ -751,15 +750,7 @@ def main() -> None:
             infra = LocalInfra.for_tests(Path(tmp))
             infra.up()
             try:
-                base = load_settings(
-                    bootstrap_servers=infra.bootstrap_servers,
-                    redis_url=infra.redis_url,
-                    events_topic="bench.events",
-                    deadletter_topic="bench.deadletter",
-                    propensity_log_topic="bench.propensity-log",
-                    batch_size=args.batch_size,
-                )
-                ensure_topics(base)
+                base = bench_settings(infra, args.batch_size)
                 n = preload(base, args.events)
                 settings = fresh(base).model_copy(update={"decisions": not args.state_only})
                 console.print(f"profiling the worker over {n:,} events (py-spy, {RATE} Hz)")

@@ -143,6 +143,20 @@ def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
         client.close()
 
 
+def bench_settings(infra: LocalInfra, batch_size: int) -> Settings:
+    """Settings on the bench's own infrastructure and ``bench.*`` topics (created here)."""
+    base = load_settings(
+        bootstrap_servers=infra.bootstrap_servers,
+        redis_url=infra.redis_url,
+        events_topic="bench.events",
+        deadletter_topic="bench.deadletter",
+        propensity_log_topic="bench.propensity-log",
+        batch_size=batch_size,
+    )
+    ensure_topics(base)
+    return base
+
+
 def fresh(settings: Settings) -> Settings:
     """Same topic, new consumer group and Redis keys: a cold start on the same data."""
     tag = uuid.uuid4().hex[:8]
@@ -171,15 +185,7 @@ def main() -> None:
         infra = LocalInfra.for_tests(Path(tmp))
         infra.up()
         try:
-            base = load_settings(
-                bootstrap_servers=infra.bootstrap_servers,
-                redis_url=infra.redis_url,
-                events_topic="bench.events",
-                deadletter_topic="bench.deadletter",
-                propensity_log_topic="bench.propensity-log",
-                batch_size=args.batch_size,
-            )
-            ensure_topics(base)
+            base = bench_settings(infra, args.batch_size)
             n = preload(base, args.events)
             rows: dict[str, list[float]] = {"ceiling": [], "core": [], "worker": [], "loop": []}
             for i in range(args.repeat):
