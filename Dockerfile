@@ -6,6 +6,6 @@ COPY streams streams
 COPY learners learners
 COPY producers producers
 COPY loopwise loopwise
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir . && mkdir -p /app/state && chown nobody /app/state
 USER nobody
 CMD ["loopwise", "worker"]

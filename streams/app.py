@@ -88,8 +88,11 @@ def build_app(
     With ``epoch``, every batch and timer tick checks that Redis still holds it; when it
     does not, ``on_data_lost`` is called (it stops the worker) and the batch is not acked.
     """
+    # Faust makes a data folder even with in-memory tables: under state_dir, not the cwd.
+    settings.state_dir.mkdir(parents=True, exist_ok=True)
     app = faust.App(
         settings.app_id,
+        datadir=str(settings.state_dir / "{conf.name}-data"),
         **kafka_clients.faust_broker_config(settings),  # broker and broker_credentials
         store="memory://",
         autodiscover=False,
