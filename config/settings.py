@@ -319,6 +319,13 @@ class Settings(BaseSettings):
         description="how long a decision stays showable once a newer one replaced it in "
         "nba:{user_id} (a serving layer may have read it just before)",
     )
+    replaced_decisions_kept: int = Field(
+        2,
+        ge=0,
+        description="how many replaced decisions per user stay showable (each for "
+        "superseded_decision_ttl_s); an older one is deleted at once, so stored decisions "
+        "stay below (1 + this) per user whatever the decision rate",
+    )
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often models are snapshotted")
     decisions: bool = Field(True, description="run the learning loop (false: user state only)")
 

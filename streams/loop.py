@@ -39,7 +39,7 @@ from loopwise.streams.user_state import UserState
 
 log = logging.getLogger("loopwise.loop")
 
-LATEST_DECISIONS_KEPT = 200_000  # users whose latest decision id the loop remembers
+LATEST_DECISIONS_KEPT = 200_000  # users whose recent decision ids the loop remembers
 REPLACED_KEPT = 1_000_000  # replaced decisions the loop deletes itself when due
 
 
@@ -54,9 +54,10 @@ class LearningLoop:
         self.join = join
         self.catalog = catalog
         self.partitions: set[int] = set()
-        # user -> their latest decision's id, so that it expires soon once replaced (bounded:
+        # user -> their recent decisions' ids, oldest first, the latest last: a replaced one
+        # expires soon, and past ``replaced_decisions_kept`` it is deleted at once (bounded:
         # a user beyond it keeps their old decisions for the full TTL, nothing worse).
-        self._latest: OrderedDict[str, str] = OrderedDict()
+        self._recent: OrderedDict[str, list[str]] = OrderedDict()
         # Replaced decisions, oldest first, with the wall-clock ms at which they are deleted:
         # their TTL would remove them too, but Redis reclaims expired keys lazily (by
         # sampling), so at ~1,000 replaced decisions a second many linger past their TTL.
@@ -118,10 +119,8 @@ class LearningLoop:
 
         # No consent: no decision, and the old one is erased (with or without a catalog).
         plan.nba_removed.extend(u for u, state in states.items() if state is None)
-        for user_id in plan.forgotten:  # and a forgotten user's latest stored decision too
-            previous = self._latest.pop(user_id, None)
-            if previous is not None:
-                plan.decisions_removed.append(previous)
+        for user_id in plan.forgotten:  # and a forgotten user's stored decisions too
+            plan.decisions_removed.extend(self._recent.pop(user_id, ()))
         actions = self.catalog.actions
         if not actions:
             return
@@ -139,8 +138,10 @@ class LearningLoop:
                 user_id, state, context, actions, now_ms, subject=state.token
             )
             plan.decisions_set[decision.decision_id] = decision.to_json()
-            previous = self._remember(user_id, decision.decision_id)
-            if previous is not None:
+            previous, dropped = self._remember(user_id, decision.decision_id)
+            if dropped is not None:
+                plan.decisions_removed.append(dropped)
+            if previous is not None and previous != dropped:
                 plan.decisions_superseded.append(previous)
                 self._replaced.append((now_ms + replaced_ttl_ms, previous))
             plan.nba_set[user_id] = nba_json(
@@ -238,13 +239,21 @@ class LearningLoop:
         while replaced and replaced[0][0] <= now_ms:
             plan.decisions_removed.append(replaced.popleft()[1])
 
-    def _remember(self, user_id: str, decision_id: str) -> str | None:
-        latest = self._latest
-        previous = latest.pop(user_id, None)
-        latest[user_id] = decision_id
-        if len(latest) > LATEST_DECISIONS_KEPT:
-            latest.popitem(last=False)
-        return previous
+    def _remember(self, user_id: str, decision_id: str) -> tuple[str | None, str | None]:
+        """Note the user's new latest decision: (the one it replaces, the oldest replaced one
+        past ``replaced_decisions_kept``, deleted at once), each None when there is none.
+
+        So stored decisions stay below (1 + replaced_decisions_kept) per user whatever the
+        decision rate: without the cap they were the rate times the replaced decisions' TTL
+        (a 20-minute soak at 1,000 events/s: Redis grew with the rate, by +13 MB/min)."""
+        recent = self._recent.pop(user_id, None) or []
+        self._recent[user_id] = recent
+        previous = recent[-1] if recent else None
+        recent.append(decision_id)
+        dropped = recent.pop(0) if len(recent) > 1 + self.settings.replaced_decisions_kept else None
+        if len(self._recent) > LATEST_DECISIONS_KEPT:
+            self._recent.popitem(last=False)
+        return previous, dropped
 
     def plan_tick(self, plan: BatchPlan, now_ms: int) -> None:
         """Between batches: close decisions whose wall-clock window ended; refresh the default."""

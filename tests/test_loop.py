@@ -42,8 +42,8 @@ def catalog_of(*items: tuple[str, dict[str, Any]]) -> Catalog:
     return catalog
 
 
-def loop_with(catalog: Catalog) -> LearningLoop:
-    settings = load_settings(attribution_window_ms=WINDOW)
+def loop_with(catalog: Catalog, **settings_: Any) -> LearningLoop:
+    settings = load_settings(attribution_window_ms=WINDOW, **settings_)
     maker = DecisionMaker(
         {"popularity": PopularityPolicy()},
         lambda user: "popularity",
@@ -298,15 +298,48 @@ def test_a_forget_erases_the_user_and_their_older_events_apply_as_nothing() -> N
     assert state is not None and (state.views, state.clicks) == (0, 1)  # only what came after
 
 
-def test_a_forgotten_users_latest_decision_is_deleted() -> None:
+def test_a_forgotten_users_stored_decisions_are_deleted() -> None:
     loop = loop_with(catalog_of(("i0", {}), ("i1", {})))
-    first = BatchPlan()
-    loop.plan(first, [(ev("view", 1), 0)], {"u1": UserState()}, Inputs(joins={0: []}), now_ms=0)
-    [decision_id] = first.decisions_set
+    first, second = BatchPlan(), BatchPlan()
+    states: dict[str, UserState | None] = {"u1": UserState()}
+    loop.plan(first, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=0)
+    loop.plan(second, [(ev("view", 2), 0)], states, Inputs(), now_ms=0)
+    decision_ids = [*first.decisions_set, *second.decisions_set]  # the replaced one too
     plan = BatchPlan(forgotten={"u1": 5})
     loop.plan(plan, [(ev("forget", 5, item=""), 0)], {"u1": None}, Inputs(), now_ms=0)
-    assert plan.decisions_removed == [decision_id] and plan.nba_removed == ["u1"]
+    assert plan.decisions_removed == decision_ids and plan.nba_removed == ["u1"]
     assert not plan.decisions_set
+
+
+def test_stored_decisions_per_user_stay_below_the_kept_replaced_ones_plus_the_latest() -> None:
+    """Whatever the decision rate: past replaced_decisions_kept, the oldest replaced
+    decision is deleted at once (not left to its TTL); other users keep theirs."""
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})), replaced_decisions_kept=2)
+    stored: set[str] = set()
+    made: list[str] = []
+    for ts in range(1, 7):
+        plan = BatchPlan()
+        states: dict[str, UserState | None] = {"u1": UserState(), f"other{ts}": UserState()}
+        events = [(ev("view", ts), 0), (ev("view", ts, user=f"other{ts}"), 0)]
+        loop.plan(plan, events, states, Inputs(joins={0: []}), now_ms=ts)
+        [mine] = [i for i, d in plan.decisions_set.items() if orjson.loads(d)["user_id"] == "u1"]
+        made.append(mine)
+        stored |= set(plan.decisions_set)
+        stored -= set(plan.decisions_removed)
+        assert plan.decisions_removed == made[:-3][-1:]  # the fourth-newest, once
+        assert set(plan.decisions_superseded).isdisjoint(plan.decisions_removed)
+        assert sorted(i for i in stored if i in made) == sorted(made[-3:])
+    assert len(stored - set(made)) == 6  # every other user's single decision is kept
+
+
+def test_with_no_replaced_decisions_kept_a_replaced_one_is_deleted_at_once() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})), replaced_decisions_kept=0)
+    first, second = BatchPlan(), BatchPlan()
+    states: dict[str, UserState | None] = {"u1": UserState()}
+    loop.plan(first, [(ev("view", 1), 0)], states, Inputs(joins={0: []}), now_ms=0)
+    loop.plan(second, [(ev("view", 2), 0)], states, Inputs(), now_ms=0)
+    assert second.decisions_removed == list(first.decisions_set)
+    assert not second.decisions_superseded
 
 
 def test_a_replaced_decision_is_deleted_once_its_showable_time_is_over() -> None:
