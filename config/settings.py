@@ -319,6 +319,13 @@ class Settings(BaseSettings):
         description="how long a decision stays showable once a newer one replaced it in "
         "nba:{user_id} (a serving layer may have read it just before)",
     )
+    decision_interval_ms: int = Field(
+        0,
+        ge=0,
+        description="staleness budget: a user decided less than this long ago is decided "
+        "again only when it is over (with their latest state), so a busy user costs one "
+        "decision per interval; 0: every batch that touches a user decides for them",
+    )
     replaced_decisions_kept: int = Field(
         2,
         ge=0,

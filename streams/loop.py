@@ -16,6 +16,13 @@ A batch: (1) load the open decisions of partitions seen for the first time;
 (2) fold the batch's views and rewards into the join; (3) close due decisions
 into log records; (4) decide for every touched user with consent, and refresh
 the default. A timer tick does (3) and the default only.
+
+With ``decision_interval_ms`` (a staleness budget; 0, off, by default) a user
+decided less than that long ago is not decided again at once: the user's latest
+state waits in memory and is decided when the interval is over, by a batch or a
+tick, so a busy user costs one decision per interval however many events they
+send. A crash loses the waiting users' re-decision (their ``nba:`` stays the
+previous decision until their next event), nothing else.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections import Counter, OrderedDict, deque
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -41,6 +49,17 @@ log = logging.getLogger("loopwise.loop")
 
 LATEST_DECISIONS_KEPT = 200_000  # users whose recent decision ids the loop remembers
 REPLACED_KEPT = 1_000_000  # replaced decisions the loop deletes itself when due
+
+
+@dataclass(slots=True)
+class Waiting:
+    """A user whose re-decision waits for the staleness budget (``decision_interval_ms``)."""
+
+    state: UserState
+    context: dict[str, Any]
+    last_event_id: str
+    partition: int
+    due_ms: int
 
 
 class LearningLoop:
@@ -64,6 +83,10 @@ class LearningLoop:
         self._replaced: deque[tuple[int, str]] = deque()
         # When the catalog's item versions were last checked for writing (see _item_versions).
         self._versions_checked: tuple[int, float] = (-1, float("-inf"))
+        # The staleness budget: when each user was last decided (bounded like _recent), and
+        # the users whose re-decision waits, by user.
+        self._decided_ms: OrderedDict[str, int] = OrderedDict()
+        self.waiting: dict[str, Waiting] = {}
 
     # ------------------------------------------------------------ ownership
 
@@ -78,6 +101,8 @@ class LearningLoop:
         gone = set(partitions) & self.partitions
         self.join.disown(gone)
         self.partitions -= gone
+        for user_id in [u for u, w in self.waiting.items() if w.partition in gone]:
+            del self.waiting[user_id]  # their new owner decides for them
 
     def forget_memory(self) -> None:
         """Drop the in-memory join; the next batch reloads it from Redis (after a failure)."""
@@ -121,37 +146,68 @@ class LearningLoop:
         plan.nba_removed.extend(u for u, state in states.items() if state is None)
         for user_id in plan.forgotten:  # and a forgotten user's stored decisions too
             plan.decisions_removed.extend(self._recent.pop(user_id, ()))
+        for user_id, state in states.items():
+            if state is None:  # no consent, or forgotten: nothing waits for them either
+                self.waiting.pop(user_id, None)
         actions = self.catalog.actions
         if not actions:
             return
+        latest: dict[str, tuple[str, int]] = {}  # user -> (latest event id, its partition)
         latest_context: dict[str, dict[str, Any]] = {}
-        latest_event: dict[str, str] = {}
-        for event, _ in user_events:
-            latest_event[event.user_id or ""] = event.event_id
+        for event, partition in user_events:
+            latest[event.user_id or ""] = (event.event_id, partition)
             if event.raw.get("context"):
                 latest_context[event.user_id or ""] = event.raw["context"]
-        decided = [(user_id, state) for user_id, state in states.items() if state is not None]
-        replaced_ttl_ms = self.settings.superseded_decision_ttl_s * 1000
-        for user_id, state in decided:
-            context = latest_context.get(user_id, {})
-            decision = self.maker.decide(
-                user_id, state, context, actions, now_ms, subject=state.token
-            )
-            plan.decisions_set[decision.decision_id] = decision.to_json()
-            previous, dropped = self._remember(user_id, decision.decision_id)
-            if dropped is not None:
-                plan.decisions_removed.append(dropped)
-            if previous is not None and previous != dropped:
-                plan.decisions_superseded.append(previous)
-                self._replaced.append((now_ms + replaced_ttl_ms, previous))
-            plan.nba_set[user_id] = nba_json(
-                decision, {"last_event_id": latest_event.get(user_id, "")}
-            )
-        plan.counters["decisions_made"] += len(decided)
+        interval = self.settings.decision_interval_ms
+        for user_id, state in states.items():
+            if state is None:
+                continue
+            waiting = self.waiting.pop(user_id, None)
+            context = latest_context.get(user_id) or (waiting.context if waiting else {})
+            event_id, partition = latest.get(user_id, ("", 0))
+            decided_ms = self._decided_ms.get(user_id)
+            if interval and decided_ms is not None and now_ms - decided_ms < interval:
+                self.waiting[user_id] = Waiting(
+                    state, context, event_id, partition, decided_ms + interval
+                )
+                plan.counters["decisions_deferred"] += 1
+                continue
+            self._decide(plan, user_id, state, context, event_id, actions, now_ms)
+        self._decide_waiting(plan, actions, now_ms)
         self._delete_replaced(plan, now_ms)
-        if decided:
+        if plan.decisions_set:
             self._item_versions(plan, actions, now_ms / 1000)
         plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
+
+    def _decide(
+        self,
+        plan: BatchPlan,
+        user_id: str,
+        state: UserState,
+        context: dict[str, Any],
+        last_event_id: str,
+        actions: list[Action],
+        now_ms: int,
+    ) -> None:
+        """Decide for one user: the decision stored, ``nba:`` set, the replaced one retired."""
+        decision = self.maker.decide(user_id, state, context, actions, now_ms, subject=state.token)
+        plan.decisions_set[decision.decision_id] = decision.to_json()
+        previous, dropped = self._remember(user_id, decision.decision_id, now_ms)
+        if dropped is not None:
+            plan.decisions_removed.append(dropped)
+        if previous is not None and previous != dropped:
+            plan.decisions_superseded.append(previous)
+            replaced_ttl_ms = self.settings.superseded_decision_ttl_s * 1000
+            self._replaced.append((now_ms + replaced_ttl_ms, previous))
+        plan.nba_set[user_id] = nba_json(decision, {"last_event_id": last_event_id})
+        plan.counters["decisions_made"] += 1
+
+    def _decide_waiting(self, plan: BatchPlan, actions: list[Action], now_ms: int) -> None:
+        """Decide for the waiting users whose interval is over."""
+        due = [u for u, w in self.waiting.items() if w.due_ms <= now_ms]
+        for user_id in due:
+            w = self.waiting.pop(user_id)
+            self._decide(plan, user_id, w.state, w.context, w.last_event_id, actions, now_ms)
 
     def missing_item_versions(self, inputs: Inputs) -> list[tuple[str, str]]:
         """The item versions the batch's stored decisions refer to that the catalog does not
@@ -239,7 +295,9 @@ class LearningLoop:
         while replaced and replaced[0][0] <= now_ms:
             plan.decisions_removed.append(replaced.popleft()[1])
 
-    def _remember(self, user_id: str, decision_id: str) -> tuple[str | None, str | None]:
+    def _remember(
+        self, user_id: str, decision_id: str, now_ms: int
+    ) -> tuple[str | None, str | None]:
         """Note the user's new latest decision: (the one it replaces, the oldest replaced one
         past ``replaced_decisions_kept``, deleted at once), each None when there is none.
 
@@ -253,16 +311,28 @@ class LearningLoop:
         dropped = recent.pop(0) if len(recent) > 1 + self.settings.replaced_decisions_kept else None
         if len(self._recent) > LATEST_DECISIONS_KEPT:
             self._recent.popitem(last=False)
+        if self.settings.decision_interval_ms:
+            decided = self._decided_ms
+            decided.pop(user_id, None)
+            decided[user_id] = now_ms
+            if len(decided) > LATEST_DECISIONS_KEPT:
+                decided.popitem(last=False)
         return previous, dropped
 
     def plan_tick(self, plan: BatchPlan, now_ms: int) -> None:
-        """Between batches: close decisions whose wall-clock window ended; refresh the default."""
+        """Between batches: close decisions whose wall-clock window ended; decide for the
+        waiting users whose interval is over; refresh the default."""
         changes = JoinChanges()
         self.join.close_due(now_ms, changes)
         self._plan_join(plan, changes)
+        actions = self.catalog.actions
+        if actions:
+            self._decide_waiting(plan, actions, now_ms)
+            if plan.decisions_set:
+                self._item_versions(plan, actions, now_ms / 1000)
         self._delete_replaced(plan, now_ms)
-        if self.catalog.actions:
-            plan.default_nba = nba_json(self.maker.default_decision(self.catalog.actions, now_ms))
+        if actions:
+            plan.default_nba = nba_json(self.maker.default_decision(actions, now_ms))
 
     def _plan_join(self, plan: BatchPlan, changes: JoinChanges) -> None:
         for decision_id in changes.updated:

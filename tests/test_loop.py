@@ -651,3 +651,63 @@ def test_after_redis_went_back_decisions_already_logged_are_not_logged_again() -
     assert asyncio.run(checkpoint.publish([0, 1])) == 2
     assert [orjson.loads(v)["decision_id"] for v in log] == ["d0", "d2", "d1", "d3"]
     assert store.outbox == {0: [], 1: []}  # the duplicates left the outbox too
+
+
+# ------------------------------------------------------------ staleness budget
+
+
+def test_a_user_decided_within_the_interval_waits_then_gets_one_decision_of_the_latest_state() -> (
+    None
+):
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})), decision_interval_ms=1000)
+    first, second, third = BatchPlan(), BatchPlan(), BatchPlan()
+    loop.plan(first, [(ev("view", 1), 2)], {"u1": UserState(views=1)}, Inputs(joins={2: []}), 0)
+    assert list(first.nba_set) == ["u1"] and first.counters["decisions_made"] == 1
+    loop.plan(second, [(ev("view", 2), 2)], {"u1": UserState(views=2)}, Inputs(), 500)
+    click = ev("click", 3, context={"page": "cart"})
+    loop.plan(third, [(click, 2)], {"u1": UserState(views=2, clicks=1)}, Inputs(), 900)
+    for plan in (second, third):  # deferred: no decision, no nba; the default still refreshed
+        assert not plan.nba_set and not plan.decisions_set and plan.default_nba is not None
+        assert plan.counters["decisions_deferred"] == 1 and not plan.counters["decisions_made"]
+    early, due, after = BatchPlan(), BatchPlan(), BatchPlan()
+    loop.plan_tick(early, now_ms=999)
+    assert not early.nba_set
+    loop.plan_tick(due, now_ms=1000)
+    [stored] = due.decisions_set.values()
+    decision = orjson.loads(stored)
+    assert decision["user_features"] == {"user_id": "u1", "views": 2, "clicks": 1, "purchases": 0}
+    assert decision["context"] == {"page": "cart"} and decision["computed_at"] == 1000
+    assert orjson.loads(due.nba_set["u1"])["last_event_id"] == click.event_id
+    assert due.decisions_superseded == list(first.decisions_set)
+    assert due.counters["decisions_made"] == 1 and not loop.waiting
+    loop.plan_tick(after, now_ms=5000)
+    assert not after.nba_set  # decided once, not again
+
+
+def test_a_batch_decides_the_waiting_users_whose_interval_is_over_and_not_the_others() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})), decision_interval_ms=1000)
+    setup = BatchPlan()
+    both: dict[str, UserState | None] = {"u1": UserState(), "u2": UserState()}
+    events = [(ev("view", 1), 0), (ev("view", 1, user="u2"), 0)]
+    loop.plan(setup, events, both, Inputs(joins={0: []}), now_ms=0)
+    loop.plan(BatchPlan(), [(ev("view", 2), 0)], {"u1": UserState(views=2)}, Inputs(), 100)
+    later = BatchPlan()  # u2's event at 1,050 decides u2; u1's wait ended at 1,000
+    loop.plan(later, [(ev("view", 3, user="u2"), 0)], {"u2": UserState()}, Inputs(), 1050)
+    assert sorted(later.nba_set) == ["u1", "u2"] and later.counters["decisions_made"] == 2
+    assert not loop.waiting
+
+
+def test_a_waiting_user_who_withdraws_consent_or_moves_away_is_not_decided() -> None:
+    loop = loop_with(catalog_of(("i0", {}), ("i1", {})), decision_interval_ms=1000)
+    states: dict[str, UserState | None] = {"u1": UserState(), "u2": UserState()}
+    events = [(ev("view", 1), 0), (ev("view", 1, user="u2"), 1)]
+    loop.plan(BatchPlan(), events, states, Inputs(joins={0: [], 1: []}), now_ms=0)
+    loop.plan(BatchPlan(), events, states, Inputs(), now_ms=10)
+    assert sorted(loop.waiting) == ["u1", "u2"]
+    withdrawn = BatchPlan()
+    loop.plan(withdrawn, [(ev("view", 2, consent=False), 0)], {"u1": None}, Inputs(), 20)
+    loop.disown([1])  # u2's partition went to another worker: it decides for u2
+    assert not loop.waiting
+    tick = BatchPlan()
+    loop.plan_tick(tick, now_ms=5000)
+    assert not tick.nba_set and not tick.decisions_set
