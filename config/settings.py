@@ -334,6 +334,18 @@ class Settings(BaseSettings):
         "stay below (1 + this) per user whatever the decision rate",
     )
     snapshot_interval_s: float = Field(5.0, gt=0, description="how often models are snapshotted")
+    learner_lease_s: float = Field(
+        10.0,
+        ge=1,
+        description="one worker at a time learns, holding a lease in Redis this long "
+        "(renewed every third of it); when it dies another worker learns after this long",
+    )
+    model_reload_s: float = Field(
+        1.0,
+        gt=0,
+        description="how often a worker that does not learn looks for a newer model "
+        "snapshot to decide with",
+    )
     decisions: bool = Field(True, description="run the learning loop (false: user state only)")
 
     # Local infrastructure.

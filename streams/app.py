@@ -6,9 +6,11 @@
   reward join, next-best-actions, propensity-log outbox), retries on Redis or
   Kafka errors until the batch succeeds, and only then acks each event in
   order, so Faust commits no offset whose effects are not in Redis.
-- ``learner`` agent: reads the propensity log, lets every policy learn from
-  every record, snapshots the models with their log offsets, and acks the log
-  only up to the last snapshot (:mod:`loopwise.streams.learner`).
+- ``learn`` task (:mod:`loopwise.streams.learning`): one worker at a time holds a lease
+  in Redis and learns every partition of the propensity log, publishing versioned
+  snapshots with their log offsets; every worker decides with the last published
+  snapshot, reloaded when a newer one appears and before a newly assigned partition's
+  first batch.
 - a 1-second timer closes decisions whose wall-clock window ended while the
   stream was idle (the same read → plan → commit path, with no events); it does nothing
   while batches flow (each batch closes due decisions itself), so it never waits for them.
@@ -16,8 +18,8 @@
 One agent instance each (``concurrency=1``): partitions are served in order,
 which also keeps clear of faust-streaming's out-of-order commit bug (fs#606).
 Batches and timer ticks take one lock, so the join state changes in one place
-at a time. Policies are shared in memory by the learner (which updates them)
-and the decisions (which read them): one event loop, no thread.
+at a time. The deciding policies change only between batches (a reload); the
+learning ones are the learner's own: one event loop, no thread.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.decisions import DecisionMaker
 from loopwise.streams.errors import ERRORS, PartitionGap, RedisDataLost, is_transient, retry
 from loopwise.streams.learner import Learner, build_policies
+from loopwise.streams.learning import Learning
 from loopwise.streams.log_tail import decision_ids_at_tail, decision_ids_since, read_range
 from loopwise.streams.loop import LearningLoop
 from loopwise.streams.pipeline import BatchReport, Message, Pipeline
@@ -54,7 +57,6 @@ log = logging.getLogger("loopwise.worker")
 
 EVENTS = PromCounter("loopwise_events_total", "consumed events by outcome", ["outcome"])
 BATCH_SECONDS = Histogram("loopwise_batch_seconds", "time to apply one batch to Redis")
-LEARNED = PromCounter("loopwise_learned_total", "propensity-log records learned")
 GAP_MESSAGES = PromCounter(
     "loopwise_gap_messages_total", "messages acked to Kafka that Redis lost, applied again"
 )
@@ -104,8 +106,8 @@ def build_app(
         broker_max_poll_records=settings.batch_size,
         # A crashed worker's partitions move to a new one after this long, not Faust's 60 s.
         broker_session_timeout=10.0,
-        # On SIGTERM do not wait for unacked events: the learner holds its events until the
-        # next snapshot, and every unacked event is replayed and skipped (idempotent) anyway.
+        # On SIGTERM do not wait for unacked events: every unacked event is replayed and
+        # skipped (idempotent) anyway.
         stream_wait_empty=False,
         broker_heartbeat_interval=3.0,
         # No tables, so no standbys: with Faust's default (1 standby replica) its sticky
@@ -136,7 +138,7 @@ def build_app(
         await asyncio.gather(*pending)
 
     loop: LearningLoop | None = None
-    learner: Learner | None = None
+    published: Learner | None = None
     catalog = Catalog()
     checkpoint = Checkpoint(store, send_deadletters)
     if settings.decisions:
@@ -165,10 +167,12 @@ def build_app(
         loop = LearningLoop(
             settings, maker, RewardJoin(settings.attribution_window_ms, rule), catalog
         )
-        learner = Learner(settings, store.client, policies, maker.popularity)
-        # Restore before any agent starts, so the first decisions use the saved models.
+        # The model decisions use: the published snapshot (its policies are the maker's),
+        # loaded before any agent starts, then whenever a newer one is published.
+        published = Learner(settings, store.client, policies, maker.popularity)
         with redis_client(settings) as sync:
-            learner.load_snapshot(sync.hgetall(learner.key))
+            published.load_snapshot(sync.hgetall(published.key))
+        maker.popularity = published.popularity
     pipeline = Pipeline(settings, store, checkpoint, catalog, loop)
 
     async def recover(gap: PartitionGap) -> None:
@@ -241,35 +245,28 @@ def build_app(
         owned = sorted(tp.partition for tp in assigned if tp.topic == settings.events_topic)
         log.info("events partitions assigned to this worker: %s", owned)
 
-    if loop is not None and learner is not None:
-        the_loop, the_learner = loop, learner
+    if loop is not None and published is not None:
+        the_loop, the_maker, the_published = loop, maker, published
 
-        learned_unacked: list[Any] = []  # log events learned, acked once in a snapshot
-        log_stream: list[Any] = []
-        learner_lock = asyncio.Lock()
+        def share_popularity() -> None:  # a loaded snapshot brings the pre-filter's counts
+            the_maker.popularity = the_published.popularity
 
-        async def snapshot_and_ack() -> None:
-            async with learner_lock:
-                if not learned_unacked or not the_learner.snapshot_due():
-                    return
-                await retry(the_learner.snapshot, "model snapshot", transient_only=False)
-                for event in learned_unacked:
-                    await log_stream[0].ack(event)
-                learned_unacked.clear()
+        def new_learner() -> Learner:  # learning policies of its own, not the deciding ones
+            return Learner(settings, store.client, build_policies(settings))
 
-        @app.agent(log_topic, concurrency=1)
-        async def learn(stream: Any) -> None:
-            log_stream.append(stream)
-            async for batch in stream.noack_take(settings.batch_size, 0.5):
-                records = [(e.message.partition, e.message.offset, e.message.value) for e in batch]
-                async with learner_lock:
-                    LEARNED.inc(the_learner.learn(records))
-                    learned_unacked.extend(batch)
-                await snapshot_and_ack()
+        learning = Learning(settings, the_published, new_learner, share_popularity)
 
-        @app.timer(1.0)
-        async def snapshot_when_idle() -> None:
-            await snapshot_and_ack()
+        @app.task
+        async def learn() -> None:
+            await learning.run()
+
+        @app.on_partitions_assigned.connect  # type: ignore[arg-type]
+        async def reload_on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+            # A partition's users keep their policy versions: the newest model first.
+            try:
+                await learning.reload_if_newer()
+            except Exception as exc:
+                log.error("reloading the model snapshot failed: %s", exc, exc_info=exc)
 
         @app.timer(1.0)
         async def close_idle_decisions() -> None:

@@ -23,7 +23,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Mapping, MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis.asyncio as aioredis
@@ -36,6 +36,9 @@ from loopwise.learners.popularity import ItemPopularity
 from loopwise.learners.river_models import RewardMonitor
 from loopwise.learners.snapshot import SnapshotError, sign_snapshot
 from loopwise.streams.decisions import POPULARITY_HALF_LIFE
+
+if TYPE_CHECKING:
+    from loopwise.streams.learning import Lease
 
 log = logging.getLogger("loopwise.learner")
 
@@ -88,7 +91,10 @@ class Learner:
         self.invalid = 0  # records that are not valid log records: never learned
         self.invalid_reasons: Counter[str] = Counter()
         self._snapshot_at = time.monotonic()
+        self._saved_offsets: dict[int, int] = {}
         self.monitors: dict[str, RewardMonitor] = {}
+        # The snapshot's version: +1 at each snapshot; deciders load a newer one.
+        self.version = 0
 
     @property
     def key(self) -> str:
@@ -116,11 +122,23 @@ class Learner:
                         f"(redis-cli DEL {self.key}), or fix LOOPWISE_SNAPSHOT_KEY"
                     ) from None
         self.offsets = {int(p): int(o) for p, o in orjson.loads(fields["offsets"]).items()}
+        self._saved_offsets = dict(self.offsets)
+        self.version = int(fields.get("version") or 0)
+        if fields.get("prefilter_popularity"):
+            saved = orjson.loads(fields["prefilter_popularity"])
+            self.popularity = ItemPopularity.from_scores(
+                saved["scores"], self.popularity.half_life, saved["total"]
+            )
         invalid = orjson.loads(fields.get("invalid_records") or b"{}")
         self.invalid_reasons = Counter({str(k): int(v) for k, v in invalid.items()})
         self.invalid = sum(self.invalid_reasons.values())
         versions = {arm: policy.version for arm, policy in self.policies.items()}
-        log.info("restored models %s at log offsets %s", versions, self.offsets)
+        log.info(
+            "loaded model snapshot %d: policies %s at log offsets %s",
+            self.version,
+            versions,
+            self.offsets,
+        )
         return True
 
     def learn(self, records: Sequence[tuple[int, int, bytes | None]]) -> int:
@@ -193,8 +211,14 @@ class Learner:
     def snapshot_due(self) -> bool:
         return time.monotonic() - self._snapshot_at >= self.settings.snapshot_interval_s
 
-    async def snapshot(self) -> None:
-        """Save every policy and the offsets they include, in one transaction."""
+    @property
+    def unsaved(self) -> bool:
+        """Records consumed since the last snapshot (learned, or invalid and skipped)."""
+        return self.offsets != self._saved_offsets
+
+    async def snapshot(self, lease: Lease | None = None) -> None:
+        """Save every policy and the offsets they include, in one transaction; with a
+        ``lease`` (:class:`loopwise.streams.learning.Lease`) only while it is held."""
         key = self.settings.snapshot_key_bytes
         mapping: dict[str, Any] = {
             arm: sign_snapshot(p.snapshot(), key) for arm, p in self.policies.items()
@@ -204,7 +228,17 @@ class Learner:
         mapping["reward_monitor"] = orjson.dumps(self.monitor_summary())
         # With the offsets, so that a record re-read after a crash is not counted twice.
         mapping["invalid_records"] = orjson.dumps(dict(self.invalid_reasons))
-        await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
+        mapping["prefilter_popularity"] = orjson.dumps(
+            {"scores": self.popularity.to_dict(), "total": self.popularity.total}
+        )
+        mapping["version"] = version = self.version + 1
+        saved = dict(self.offsets)
+        if lease is None:
+            await self.client.hset(self.key, mapping=mapping)  # type: ignore[arg-type]
+        else:
+            await lease.hset_if_held(self.key, mapping)
+        self.version = version
+        self._saved_offsets = saved
         self._snapshot_at = time.monotonic()
 
     def versions(self) -> Mapping[str, int]:

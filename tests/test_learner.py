@@ -310,7 +310,10 @@ def test_a_snapshot_saves_every_policy_the_offsets_and_the_reward_monitor() -> N
         b"saved_at_ms",
         b"reward_monitor",
         b"invalid_records",
+        b"prefilter_popularity",
+        b"version",
     }
+    assert int(saved[b"version"]) == 1 == learner.version and not learner.unsaved
     invalid = orjson.loads(saved[b"invalid_records"])
     assert sum(invalid.values()) == 1 == learner.invalid  # counted with the offsets
     restored = recording_learner(client)
@@ -322,6 +325,15 @@ def test_a_snapshot_saves_every_policy_the_offsets_and_the_reward_monitor() -> N
     assert orjson.loads(saved[b"offsets"]) == {"0": 1, "3": 43}
     assert orjson.loads(saved[b"reward_monitor"]) == learner.monitor_summary()
     assert int(saved[b"saved_at_ms"]) > 1_600_000_000_000
+    # the pre-filter's popularity and the version travel with the models, to every decider
+    restored.load_snapshot({k: v for k, v in saved.items() if k not in (b"vw", HOLDOUT.encode())})
+    assert restored.version == 1
+    assert restored.popularity.to_dict() == pytest.approx(learner.popularity.to_dict())
+    assert restored.popularity.total == pytest.approx(learner.popularity.total)
+    learner.learn([(0, 1, log_record(reward=1.0))])
+    assert learner.unsaved
+    asyncio.run(learner.snapshot())
+    assert int(client.hashes["t:model"][b"version"]) == 2 == learner.version
 
 
 def test_a_restored_learner_continues_where_the_snapshot_left_off() -> None:
