@@ -7,6 +7,10 @@ One real worker process (``loopwise worker``, full learning loop, default arms) 
   users and ``--items`` items (event time follows the wall clock, as in
   ``bench_freshness``): every batch gives each touched user a fresh decision, so
   ``decision:{id}`` keys are written at roughly the batch rate times the users per batch;
+- **a warm-up** first (``--no-warm-up`` skips it): the catalog and one view per user,
+  at the same rate, consumed before the measured minutes start, so that they measure the
+  steady state rather than a population still being discovered (each user's state,
+  ``nba:`` and latest decision are kept by design: that part grows with the users);
 - **a simulated serving layer**: ``--views-per-s`` times a second it picks a user by
   activity, reads ``nba:{user}`` as any serving layer would and, if that decision was not
   shown yet, publishes the ``view`` with its ``decision_id`` and ``propensity`` (the format
@@ -135,6 +139,13 @@ def parse_args() -> argparse.Namespace:
         "--views-per-s", type=float, default=10.0, help="next-best-actions shown per second (10)"
     )
     parser.add_argument(
+        "--no-warm-up",
+        dest="warm_up",
+        action="store_false",
+        help="skip the warm-up (one view per user before the measured minutes): memory then "
+        "also grows with the users still arriving (by design: each has a state)",
+    )
+    parser.add_argument(
         "--scan-every-s", type=float, default=60.0, help="period of the key-family SCAN (60)"
     )
     parser.add_argument(
@@ -224,6 +235,33 @@ def guarded(target: Callable[..., None], counts: Counts) -> Callable[..., None]:
             counts.errors.append(f"{target.__name__}: {type(exc).__name__}: {exc}")
 
     return run
+
+
+def warm_up(settings: Settings, market: Marketplace, rate: float) -> int:
+    """The catalog, then one view per marketplace user (of an item drawn with the seed), at
+    ``rate``: the measured minutes then start with every user's state, ``nba:`` and decision
+    written, so what they show is the steady state, not the population being discovered
+    (the simulator draws users by activity: a tail of rare users keeps arriving for tens of
+    minutes, each adding its state, by design). Returns the events published."""
+    rng = random.Random(SEED)
+    with EventPublisher.from_settings(settings) as publisher:
+        catalog = market.catalog_events()
+        for event in catalog:
+            publisher.send(event)
+        limiter = RateLimiter(rate)
+        for n, user_id in enumerate(market.users):
+            limiter.wait()
+            publisher.send(
+                {
+                    "event_id": f"soak-warm-up-{n}",
+                    "type": "view",
+                    "user_id": user_id,
+                    "item_id": rng.choice(market.items),
+                    "timestamp": int(time.time() * 1000),
+                }
+            )
+        publisher.flush()
+    return len(catalog) + len(market.users)
 
 
 def organic_load(
@@ -500,6 +538,16 @@ def run(args: argparse.Namespace, settings: Settings, db: int) -> dict[str, Any]
         name="serving",
     )
     try:
+        if args.warm_up:
+            console.print(f"warm-up: one view for each of the {args.users:,} users")
+            warm = warm_up(settings, organic_market, args.rate)
+            deadline = time.monotonic() + 600
+            while int(client.hget(settings.key("stats"), "consumed") or 0) < warm:
+                if worker.poll() is not None:
+                    raise RuntimeError(f"the worker exited with {worker.returncode}")
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the worker did not consume the warm-up in 10 minutes")
+                time.sleep(0.5)
         organic.start()
         deadline = time.monotonic() + 180
         while not client.exists(settings.key("nba", "__default__")):
