@@ -30,7 +30,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
-from loopwise.producers.simulator import Marketplace
+from loopwise.producers.simulator import Marketplace, Payoff
 from loopwise.producers.traffic import RateLimiter
 from loopwise.redis_clients import redis_client
 
@@ -132,9 +132,7 @@ def run_closed_loop(
                 report.events += 1 + len(follow_ups)
                 reward = _reward(settings, follow_ups)
                 reward_sum += reward
-                truth = dict(
-                    click_reward=settings.reward_click, purchase_reward=settings.reward_purchase
-                )
+                payoff = Payoff(settings.reward_click, settings.reward_purchase)
                 line = {
                     "t": report.decisions,
                     "decision_id": nba["decision_id"],
@@ -145,10 +143,10 @@ def run_closed_loop(
                     "propensity": nba["propensity"],
                     "reward": reward,
                     "expected_reward": market.expected_reward(
-                        user_id, nba["item_id"], context, **truth
+                        user_id, nba["item_id"], context, payoff
                     ),
-                    "oracle": market.oracle_value(user_id, context, **truth),
-                    "uniform": market.uniform_value(user_id, context, **truth),
+                    "oracle": market.oracle_value(user_id, context, payoff),
+                    "uniform": market.uniform_value(user_id, context, payoff),
                 }
                 sink.write(orjson.dumps(line) + b"\n")
                 report.decisions += 1
