@@ -417,11 +417,9 @@ class _Reader:
         self.consumer = kafka_clients.consumer(
             settings,
             client_id="loopwise-export",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             max_poll_records=self.chunk,
             check_crcs=_FAST_CRC32C,
+            **kafka_clients.GROUPLESS,
         )
         try:
             self.ranges = self._plan(log_range)

@@ -255,10 +255,8 @@ async def _replay(
     consumer = kafka_clients.aio_consumer(
         settings,
         client_id="loopwise-rebuild",
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
         max_poll_records=settings.batch_size,
+        **kafka_clients.GROUPLESS,
     )
     await consumer.start()
     try:
