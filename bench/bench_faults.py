@@ -102,7 +102,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.bench_soak import whole_ms_gap
+from bench.bench_soak import wall_clock_gap
 from loopwise import kafka_clients
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
@@ -171,13 +171,7 @@ class Sent:
 
 def organic_market(args: argparse.Namespace, start_ms: int, tag: str) -> Marketplace:
     """The apps' marketplace: event time advances as fast as the wall clock at ``--rate``."""
-    per_view = 1.0 + MarketConfig.target_ctr * (1.0 + MarketConfig.purchase_rate)
-    target = 1000.0 * per_view / args.rate
-    lo, hi = 1e-3, max(target, 1.0)
-    for _ in range(60):  # whole_ms_gap increases with its argument
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if whole_ms_gap(mid) < target else (lo, mid)
-    return Marketplace(market_config(args, start_ms, f"{tag}o", hi))
+    return Marketplace(market_config(args, start_ms, f"{tag}o", wall_clock_gap(args.rate)))
 
 
 def market_config(args: argparse.Namespace, start_ms: int, tag: str, gap: float) -> MarketConfig:

@@ -191,8 +191,9 @@ def whole_ms_gap(mean_gap_ms: float) -> float:
     return (1.0 - q) + q / (1.0 - math.exp(-1.0 / mean_gap_ms))
 
 
-def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
-    """The marketplace, with event time advancing as fast as the wall clock.
+def wall_clock_gap(rate: float) -> float:
+    """The simulator's ``mean_gap_ms`` that makes event time advance as fast as the wall clock
+    when its events are published at ``rate`` a second.
 
     The limiter paces events; a view brings ``target_ctr`` clicks and ``target_ctr *
     purchase_rate`` purchases, so views are due every ``1000 * per_view / rate`` ms of
@@ -201,17 +202,23 @@ def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
     the most there is: event time then runs slower than the wall clock (never ahead).
     """
     per_view = 1.0 + MarketConfig.target_ctr * (1.0 + MarketConfig.purchase_rate)
-    target = 1000.0 * per_view / args.rate
+    target = 1000.0 * per_view / rate
     lo, hi = 1e-3, max(target, 1.0)
     for _ in range(60):  # whole_ms_gap increases with its argument
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if whole_ms_gap(mid) < target else (lo, mid)
+    return hi
+
+
+def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
+    """The marketplace, with event time advancing as fast as the wall clock
+    (:func:`wall_clock_gap`)."""
     return MarketConfig(
         n_users=args.users,
         n_items=args.items,
         seed=SEED,
         start_ms=int(time.time() * 1000) - 1000,
-        mean_gap_ms=hi,
+        mean_gap_ms=wall_clock_gap(args.rate),
         run_tag=run_tag,
     )
 
