@@ -67,7 +67,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -84,14 +83,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench.common import bench_settings, own_infra
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
-from loopwise.infra import LocalInfra
+from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
 from loopwise.redis_clients import redis_client
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console(width=None if sys.stdout.isatty() else 132)  # logs: wide tables
@@ -818,25 +816,16 @@ def main() -> None:
         replot(args)
         return
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="loopwise-soak-") as tmp:
-        infra = LocalInfra.for_tests(Path(tmp))
-        infra.up()
-        try:
-            settings = load_settings(
-                bootstrap_servers=infra.bootstrap_servers,
-                redis_url=infra.redis_url,
-                events_topic="soak.events",
-                deadletter_topic="soak.deadletter",
-                propensity_log_topic="soak.propensity-log",
-                superseded_decision_ttl_s=args.superseded_ttl_s,
-                attribution_window_ms=args.attribution_window_s * 1000,
-                dedupe_window_s=args.dedupe_window_s,
-                decisions=True,
-            )
-            ensure_topics(settings)
-            result = run(args, settings, infra.redis_db)
-        finally:
-            infra.down()
+    with own_infra("loopwise-soak-") as infra:
+        settings = bench_settings(
+            infra,
+            "soak",
+            superseded_decision_ttl_s=args.superseded_ttl_s,
+            attribution_window_ms=args.attribution_window_s * 1000,
+            dedupe_window_s=args.dedupe_window_s,
+            decisions=True,
+        )
+        result = run(args, settings, infra.redis_db)
     if not result["samples"]:
         raise SystemExit("no sample taken")
     result["summary"] = summarize(result, args)
