@@ -102,9 +102,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.bench_soak import whole_ms_gap
+from bench.bench_soak import wall_clock_gap
+from bench.common import bench_settings, write_json
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
+from loopwise.config import Settings
 from loopwise.infra import LocalInfra
 from loopwise.infra.kafka_broker import port_open
 from loopwise.learners.log_record import LogRecord, LogRecordError
@@ -115,7 +116,6 @@ from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
 from loopwise.redis_clients import redis_client
 from loopwise.streams.deadletter import MAX_ORIGINAL_BYTES
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import DATA_LOST_EXIT, spawn_worker, stop_worker
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -171,13 +171,7 @@ class Sent:
 
 def organic_market(args: argparse.Namespace, start_ms: int, tag: str) -> Marketplace:
     """The apps' marketplace: event time advances as fast as the wall clock at ``--rate``."""
-    per_view = 1.0 + MarketConfig.target_ctr * (1.0 + MarketConfig.purchase_rate)
-    target = 1000.0 * per_view / args.rate
-    lo, hi = 1e-3, max(target, 1.0)
-    for _ in range(60):  # whole_ms_gap increases with its argument
-        mid = 0.5 * (lo + hi)
-        lo, hi = (mid, hi) if whole_ms_gap(mid) < target else (lo, mid)
-    return Marketplace(market_config(args, start_ms, f"{tag}o", hi))
+    return Marketplace(market_config(args, start_ms, f"{tag}o", wall_clock_gap(args.rate)))
 
 
 def market_config(args: argparse.Namespace, start_ms: int, tag: str, gap: float) -> MarketConfig:
@@ -1049,19 +1043,15 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
     supervisor: Supervisor | None = None
     stop = threading.Event()
     try:
-        s = load_settings(
-            bootstrap_servers=local.bootstrap_servers,
-            redis_url=local.redis_url,
+        s = bench_settings(
+            local,
+            "faults",
             kafka_controller_port=local.kafka.controller_port,
             key_prefix="faults:",
             app_id="faults-worker",
-            events_topic="faults.events",
-            deadletter_topic="faults.deadletter",
-            propensity_log_topic="faults.propensity-log",
             state_dir=tmp / "state",
             attribution_window_ms=args.attribution_window_s * 1000,
         )
-        ensure_topics(s)
         r = redis_client(s, socket_timeout=10)
         now_ms = int(time.time() * 1000)
         start_ms = now_ms - PAST_MS
@@ -1191,11 +1181,7 @@ def run(args: argparse.Namespace, tmp: Path) -> bool:
             traffic_wall_s,
             time.monotonic() - wall_start,
         )
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_bytes(
-            orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS)
-        )
-        console.print(f"written to {args.out}")
+        write_json(args.out, result, console, orjson.OPT_NON_STR_KEYS)
         if not result["ok"]:
             kept = Path(tempfile.gettempdir()) / f"loopwise-faults-worker-{args.seed}.log"
             shutil.copy(tmp / "worker.log", kept)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import tempfile
 import threading
 import time
 import uuid
@@ -33,14 +32,13 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
+from bench.common import bench_settings, own_infra, write_json
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
-from loopwise.infra import LocalInfra
+from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
 from loopwise.redis_clients import redis_client
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console()
@@ -105,25 +103,13 @@ def main() -> None:
         parser.error("--rate, --seconds and --probe-every must be > 0")
     logging.basicConfig(level=logging.WARNING)
 
-    with tempfile.TemporaryDirectory(prefix="loopwise-fresh-") as tmp:
-        infra = LocalInfra.for_tests(Path(tmp))
-        infra.up()
-        worker = None
+    with own_infra("loopwise-fresh-") as infra:
+        settings = bench_settings(infra, "fresh")
+        worker = spawn_worker(settings, log_level="warning")
         try:
-            settings = load_settings(
-                bootstrap_servers=infra.bootstrap_servers,
-                redis_url=infra.redis_url,
-                events_topic="fresh.events",
-                deadletter_topic="fresh.deadletter",
-                propensity_log_topic="fresh.propensity-log",
-            )
-            ensure_topics(settings)
-            worker = spawn_worker(settings, log_level="warning")
             result = measure(settings, args)
         finally:
-            if worker is not None:
-                stop_worker(worker)
-            infra.down()
+            stop_worker(worker)
     report(result, args)
 
 
@@ -211,9 +197,7 @@ def report(result: dict[str, list[float]], args: argparse.Namespace) -> None:
         table.add_row(label, str(len(values)), f"{p50:.0f}", f"{p99:.0f}")
         out[key] = {"n": len(values), "p50": float(p50), "p99": float(p99)}
     console.print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "freshness.json").write_bytes(orjson.dumps(out, option=orjson.OPT_INDENT_2))
-    console.print(f"written to {RESULTS / 'freshness.json'}")
+    write_json(RESULTS / "freshness.json", out, console)
 
 
 if __name__ == "__main__":

@@ -66,13 +66,13 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from bench.common import bench_settings, write_json
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
+from loopwise.config import Settings
 from loopwise.infra import LocalInfra
 from loopwise.redis_clients import redis_client
 from loopwise.streams.deadletter import MAX_ORIGINAL_BYTES
 from loopwise.streams.decoding import MAX_ID_CHARS, MAX_TIMESTAMP_MS, REASONS, Rejection, decode
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console(width=None if sys.stdout.isatty() else 120)
@@ -1550,19 +1550,15 @@ def fuzz(args: argparse.Namespace, tmp: Path, wall_start: float) -> list[str]:
     infra = LocalInfra.for_tests(tmp)
     infra.up()
     try:
-        settings = load_settings(
-            bootstrap_servers=infra.bootstrap_servers,
-            redis_url=infra.redis_url,
-            events_topic="fuzz.events",
-            deadletter_topic="fuzz.deadletter",
-            propensity_log_topic="fuzz.propensity-log",
+        settings = bench_settings(
+            infra,
+            "fuzz",
             app_id="fuzz-worker",
             key_prefix="fuzz:",
             batch_size=args.batch_size,
             decisions=args.decisions,
             state_dir=tmp / "state",
         )
-        ensure_topics(settings)
         corpus = Corpus(
             args.seed,
             max_event_bytes=settings.max_event_bytes,
@@ -1582,9 +1578,7 @@ def fuzz(args: argparse.Namespace, tmp: Path, wall_start: float) -> list[str]:
         infra.down()
     wall_s = time.perf_counter() - wall_start
     result = report(args, settings, corpus, ledger, pub, run, dead, failures, rows, wall_s)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    console.print(f"written to {args.out}")
+    write_json(args.out, result, console)
     if failures:
         kept = Path(tempfile.gettempdir()) / f"loopwise-fuzz-worker-{args.seed}.log"
         shutil.copy(tmp / "worker.log", kept)

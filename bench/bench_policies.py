@@ -52,11 +52,28 @@ def closed_loop(
 ) -> dict[str, Any]:
     """Run the loop; per window, value / oracle and value / uniform (expected rewards)."""
     market = Marketplace(MarketConfig(n_users=n_users, n_items=n_items, seed=market_seed))
+    start = time.perf_counter()
+    got, oracle, uniform = run_loop(policy, market, rounds, seed, floor_mass)
+    seconds = time.perf_counter() - start
+    edges = range(0, rounds, window)
+    return {
+        "curve": [float(got[s : s + window].sum() / oracle[s : s + window].sum()) for s in edges],
+        "vs_uniform": [
+            float(got[s : s + window].sum() / uniform[s : s + window].sum()) for s in edges
+        ],
+        "seconds": seconds,
+    }
+
+
+def run_loop(
+    policy: Policy, market: Marketplace, rounds: int, seed: int, floor_mass: float = 0.01
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The worker's loop against the simulator for ``rounds`` rounds: per round, the expected
+    reward (ground truth) of the shown item, of the oracle's and of a uniform pick."""
     actions = [Action(item, market.item_features(item)) for item in market.items]
     floor = floor_mass / len(actions)
     rng = np.random.default_rng(seed)
     got, oracle, uniform = np.zeros(rounds), np.zeros(rounds), np.zeros(rounds)
-    start = time.perf_counter()
     for t in range(rounds):
         user = market.sample_user(rng)
         context = market.sample_context(rng, user)
@@ -67,15 +84,7 @@ def closed_loop(
         clicked, _ = market.draw_outcome(user, actions[chosen].id, context, rng)
         policy.learn(shared, actions, chosen, float(pmf[chosen]), 1.0 if clicked else 0.0)
         got[t], oracle[t], uniform[t] = truth[chosen], truth.max(), truth.mean()
-    seconds = time.perf_counter() - start
-    edges = range(0, rounds, window)
-    return {
-        "curve": [float(got[s : s + window].sum() / oracle[s : s + window].sum()) for s in edges],
-        "vs_uniform": [
-            float(got[s : s + window].sum() / uniform[s : s + window].sum()) for s in edges
-        ],
-        "seconds": seconds,
-    }
+    return got, oracle, uniform
 
 
 def pmf_latency(policy: Policy, n_actions: int, calls: int = 1000) -> float:

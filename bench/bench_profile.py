@@ -41,7 +41,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections import Counter
@@ -53,9 +52,9 @@ import orjson
 from rich.console import Console
 from rich.table import Table
 
-from bench.bench_worker import bench_settings, fresh, preload
+from bench.bench_worker import fresh, preload
+from bench.common import bench_settings, own_infra
 from loopwise.config import Settings
-from loopwise.infra import LocalInfra
 from loopwise.redis_clients import redis_client
 
 console = Console()
@@ -746,21 +745,16 @@ def main() -> None:
         config, measured = previous["config"], previous["measured"]
     else:
         RESULTS.mkdir(exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix="loopwise-profile-") as tmp:
-            infra = LocalInfra.for_tests(Path(tmp))
-            infra.up()
-            try:
-                base = bench_settings(infra, args.batch_size)
-                n = preload(base, args.events)
-                settings = fresh(base).model_copy(update={"decisions": not args.state_only})
-                console.print(f"profiling the worker over {n:,} events (py-spy, {RATE} Hz)")
-                measured = profile_worker(settings, n, raw)
-                if not args.skip_baseline:
-                    console.print("the same without py-spy (its overhead)")
-                    alone = fresh(base).model_copy(update={"decisions": not args.state_only})
-                    measured["without_py_spy"] = profile_worker(alone, n, None)
-            finally:
-                infra.down()
+        with own_infra("loopwise-profile-") as infra:
+            base = bench_settings(infra, batch_size=args.batch_size)
+            n = preload(base, args.events)
+            settings = fresh(base).model_copy(update={"decisions": not args.state_only})
+            console.print(f"profiling the worker over {n:,} events (py-spy, {RATE} Hz)")
+            measured = profile_worker(settings, n, raw)
+            if not args.skip_baseline:
+                console.print("the same without py-spy (its overhead)")
+                alone = fresh(base).model_copy(update={"decisions": not args.state_only})
+                measured["without_py_spy"] = profile_worker(alone, n, None)
         config = {
             "events": n,
             "state_only": args.state_only,

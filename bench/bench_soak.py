@@ -71,7 +71,6 @@ import math
 import os
 import random
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -88,14 +87,13 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from bench.common import bench_settings, own_infra
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
-from loopwise.infra import LocalInfra
+from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.producers.traffic import RateLimiter
 from loopwise.redis_clients import redis_client
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console(width=None if sys.stdout.isatty() else 132)  # logs: wide tables
@@ -202,8 +200,9 @@ def whole_ms_gap(mean_gap_ms: float) -> float:
     return (1.0 - q) + q / (1.0 - math.exp(-1.0 / mean_gap_ms))
 
 
-def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
-    """The marketplace, with event time advancing as fast as the wall clock.
+def wall_clock_gap(rate: float) -> float:
+    """The simulator's ``mean_gap_ms`` that makes event time advance as fast as the wall clock
+    when its events are published at ``rate`` a second.
 
     The limiter paces events; a view brings ``target_ctr`` clicks and ``target_ctr *
     purchase_rate`` purchases, so views are due every ``1000 * per_view / rate`` ms of
@@ -212,17 +211,23 @@ def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
     the most there is: event time then runs slower than the wall clock (never ahead).
     """
     per_view = 1.0 + MarketConfig.target_ctr * (1.0 + MarketConfig.purchase_rate)
-    target = 1000.0 * per_view / args.rate
+    target = 1000.0 * per_view / rate
     lo, hi = 1e-3, max(target, 1.0)
     for _ in range(60):  # whole_ms_gap increases with its argument
         mid = 0.5 * (lo + hi)
         lo, hi = (mid, hi) if whole_ms_gap(mid) < target else (lo, mid)
+    return hi
+
+
+def market_config(args: argparse.Namespace, run_tag: str) -> MarketConfig:
+    """The marketplace, with event time advancing as fast as the wall clock
+    (:func:`wall_clock_gap`)."""
     return MarketConfig(
         n_users=args.users,
         n_items=args.items,
         seed=SEED,
         start_ms=int(time.time() * 1000) - 1000,
-        mean_gap_ms=hi,
+        mean_gap_ms=wall_clock_gap(args.rate),
         run_tag=run_tag,
     )
 
@@ -859,25 +864,16 @@ def main() -> None:
         replot(args)
         return
     logging.basicConfig(level=logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="loopwise-soak-") as tmp:
-        infra = LocalInfra.for_tests(Path(tmp))
-        infra.up()
-        try:
-            settings = load_settings(
-                bootstrap_servers=infra.bootstrap_servers,
-                redis_url=infra.redis_url,
-                events_topic="soak.events",
-                deadletter_topic="soak.deadletter",
-                propensity_log_topic="soak.propensity-log",
-                superseded_decision_ttl_s=args.superseded_ttl_s,
-                attribution_window_ms=args.attribution_window_s * 1000,
-                dedupe_window_s=args.dedupe_window_s,
-                decisions=True,
-            )
-            ensure_topics(settings)
-            result = run(args, settings, infra.redis_db)
-        finally:
-            infra.down()
+    with own_infra("loopwise-soak-") as infra:
+        settings = bench_settings(
+            infra,
+            "soak",
+            superseded_decision_ttl_s=args.superseded_ttl_s,
+            attribution_window_ms=args.attribution_window_s * 1000,
+            dedupe_window_s=args.dedupe_window_s,
+            decisions=True,
+        )
+        result = run(args, settings, infra.redis_db)
     if not result["samples"]:
         raise SystemExit("no sample taken")
     result["summary"] = summarize(result, args)

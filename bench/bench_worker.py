@@ -24,7 +24,6 @@ import argparse
 import asyncio
 import logging
 import statistics
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -35,16 +34,15 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from bench.common import bench_settings, own_infra, write_json
 from loopwise import kafka_clients
-from loopwise.config import Settings, load_settings
-from loopwise.infra import LocalInfra
+from loopwise.config import Settings
 from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.redis_clients import redis_client
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.pipeline import Message, Pipeline
 from loopwise.streams.redis_store import RedisStore
-from loopwise.streams.topics import ensure_topics
 from loopwise.streams.worker import spawn_worker, stop_worker
 
 console = Console()
@@ -143,20 +141,6 @@ def faust_worker(settings: Settings, n: int, decisions: bool = False) -> float:
         client.close()
 
 
-def bench_settings(infra: LocalInfra, batch_size: int) -> Settings:
-    """Settings on the bench's own infrastructure and ``bench.*`` topics (created here)."""
-    base = load_settings(
-        bootstrap_servers=infra.bootstrap_servers,
-        redis_url=infra.redis_url,
-        events_topic="bench.events",
-        deadletter_topic="bench.deadletter",
-        propensity_log_topic="bench.propensity-log",
-        batch_size=batch_size,
-    )
-    ensure_topics(base)
-    return base
-
-
 def fresh(settings: Settings) -> Settings:
     """Same topic, new consumer group and Redis keys: a cold start on the same data."""
     tag = uuid.uuid4().hex[:8]
@@ -181,21 +165,16 @@ def main() -> None:
     if args.repeat < 1:
         parser.error("--repeat must be at least 1")
 
-    with tempfile.TemporaryDirectory(prefix="loopwise-bench-") as tmp:
-        infra = LocalInfra.for_tests(Path(tmp))
-        infra.up()
-        try:
-            base = bench_settings(infra, args.batch_size)
-            n = preload(base, args.events)
-            rows: dict[str, list[float]] = {"ceiling": [], "core": [], "worker": [], "loop": []}
-            for i in range(args.repeat):
-                console.print(f"round {i + 1}/{args.repeat}")
-                rows["ceiling"].append(ceiling(fresh(base), n))
-                rows["core"].append(core_without_faust(fresh(base), n))
-                rows["worker"].append(faust_worker(fresh(base), n))
-                rows["loop"].append(faust_worker(fresh(base), n, decisions=True))
-        finally:
-            infra.down()
+    with own_infra("loopwise-bench-") as infra:
+        base = bench_settings(infra, batch_size=args.batch_size)
+        n = preload(base, args.events)
+        rows: dict[str, list[float]] = {"ceiling": [], "core": [], "worker": [], "loop": []}
+        for i in range(args.repeat):
+            console.print(f"round {i + 1}/{args.repeat}")
+            rows["ceiling"].append(ceiling(fresh(base), n))
+            rows["core"].append(core_without_faust(fresh(base), n))
+            rows["worker"].append(faust_worker(fresh(base), n))
+            rows["loop"].append(faust_worker(fresh(base), n, decisions=True))
     report(rows, n, args)
 
 
@@ -223,9 +202,7 @@ def report(rows: dict[str, list[float]], n: int, args: argparse.Namespace) -> No
             "ratio_to_ceiling": median / top,
         }
     console.print(table)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "worker.json").write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    console.print(f"written to {RESULTS / 'worker.json'}")
+    write_json(RESULTS / "worker.json", result, console)
 
 
 if __name__ == "__main__":

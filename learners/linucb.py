@@ -33,7 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from river import linear_model
 
 from loopwise.learners.features import FeatureHasher, shared_features
-from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.policy import Action, BasePolicy, Example, FloatArray, pack_snapshot
 from loopwise.learners.snapshot import SnapshotError
 
 __all__ = ["LinUCBPolicy"]
@@ -45,7 +45,7 @@ _ARRAYS: Final = ("ss", "ss_inv", "eta")
 _RIVER_ATTRS: Final = ("_idx", "_ss_arr", "_ss_inv_arr", "_eta_arr", "_cap", "_n", "_m_dirty")
 
 
-class LinUCBPolicy:
+class LinUCBPolicy(BasePolicy):
     """Disjoint LinUCB, one river ``BayesianLinearRegression`` per action, epsilon-greedy pmf.
 
     Parameters
@@ -86,11 +86,6 @@ class LinUCBPolicy:
         self._models: dict[str, linear_model.BayesianLinearRegression] = {}
         self._version = 0
 
-    @property
-    def version(self) -> int:
-        """Number of examples learned so far."""
-        return self._version
-
     def scores(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
         """``ucb_a(x)`` of every action (see the module docstring)."""
         x = self._context(shared)
@@ -117,16 +112,9 @@ class LinUCBPolicy:
         out[best] += (1.0 - self.epsilon) / int(best.sum())
         return out
 
-    def learn(
-        self,
-        shared: Mapping[str, Any],
-        actions: Sequence[Action],
-        chosen: int,
-        propensity: float,
-        reward: float,
-    ) -> None:
+    def _learn(self, example: Example) -> None:
         """Update the chosen action's regression with ``(x, reward)`` (on-policy, unweighted)."""
-        check_learn_args(len(actions), chosen, propensity, reward)
+        shared, actions, chosen, _, reward = example
         action_id = actions[chosen].id
         model = self._models.get(action_id)
         if model is None:
@@ -135,7 +123,6 @@ class LinUCBPolicy:
             )
             self._models[action_id] = model
         model.learn_one(self._context(shared), float(reward))
-        self._version += 1
 
     class Params(BaseModel):
         """The constructor arguments a snapshot may carry (learners/snapshot.py)."""

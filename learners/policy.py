@@ -13,7 +13,9 @@ them (River/OBP style: the same few calls everywhere)::
 
 ``shared`` is ``{"user": {...}, "context": {...}}`` (user-state features and the
 request context; values are str/number/bool), ``actions`` the candidate items
-with their catalog features. Rewards are >= 0, higher is better.
+with their catalog features. Rewards are >= 0, higher is better. The policies
+derive from :class:`BasePolicy` (``version``; ``learn`` checks its arguments and
+counts the example, the policy's ``_learn`` updates the model).
 
 A snapshot is data (:mod:`loopwise.learners.snapshot`: a JSON header with the
 constructor arguments, validated against the class's ``Params`` schema, and the
@@ -36,6 +38,8 @@ from loopwise.learners.snapshot import SnapshotError, pack_snapshot, restore, un
 __all__ = [
     "Action",
     "ActionTable",
+    "BasePolicy",
+    "Example",
     "FloatArray",
     "Policy",
     "SnapshotError",
@@ -171,6 +175,43 @@ class Policy(Protocol):
     def snapshot(self) -> bytes:
         """The policy's full state as bytes; :func:`restore` gives back an equal policy."""
         ...
+
+
+Example = tuple[Mapping[str, Any], Sequence[Action], int, float, float]
+"""One closed decision: ``(shared, actions, chosen, propensity, reward)``."""
+
+
+class BasePolicy:
+    """What Loopwise's policies share: :attr:`version` and :meth:`learn`.
+
+    ``learn`` checks its arguments (:func:`check_learn_args`), hands the example to the
+    policy's own :meth:`_learn` and counts it in ``version``.
+    """
+
+    name: str
+    _version: int
+
+    @property
+    def version(self) -> int:
+        """Number of examples learned so far."""
+        return self._version
+
+    def learn(
+        self,
+        shared: Mapping[str, Any],
+        actions: Sequence[Action],
+        chosen: int,
+        propensity: float,
+        reward: float,
+    ) -> None:
+        """Learn from one closed decision: ``actions[chosen]`` was shown with ``propensity``."""
+        check_learn_args(len(actions), chosen, propensity, reward)
+        self._learn((shared, actions, chosen, propensity, reward))
+        self._version += 1
+
+    def _learn(self, example: Example) -> None:
+        """Learn from one checked example (the policy's own update)."""
+        raise NotImplementedError
 
 
 def apply_floor(pmf: npt.ArrayLike, floor: float) -> FloatArray:

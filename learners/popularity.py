@@ -38,7 +38,7 @@ import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from loopwise.learners.policy import Action, FloatArray, check_learn_args, pack_snapshot
+from loopwise.learners.policy import Action, BasePolicy, Example, FloatArray, pack_snapshot
 
 __all__ = ["ItemPopularity", "PopularityPolicy"]
 
@@ -153,7 +153,7 @@ class ItemPopularity:
         self._max_weight = None
 
 
-class PopularityPolicy:
+class PopularityPolicy(BasePolicy):
     """Decayed popularity with epsilon-uniform exploration (see the module docstring).
 
     Parameters
@@ -202,11 +202,6 @@ class PopularityPolicy:
         self._rewards = ItemPopularity(self.half_life)  # aged in step with the impressions
         self._version = 0
 
-    @property
-    def version(self) -> int:
-        """Number of examples learned so far."""
-        return self._version
-
     def scores(self, actions: Sequence[Action]) -> FloatArray:
         """Smoothed reward rate of every action (higher is better)."""
         n_total, r_total = self._impressions.total, self._rewards.total
@@ -234,18 +229,10 @@ class PopularityPolicy:
         """Same as :meth:`default_pmf`: the holdout ignores the user and context."""
         return self.default_pmf(actions)
 
-    def learn(
-        self,
-        shared: Mapping[str, Any],
-        actions: Sequence[Action],
-        chosen: int,
-        propensity: float,
-        reward: float,
-    ) -> None:
+    def _learn(self, example: Example) -> None:
         """Count one impression of ``actions[chosen]`` and its reward, then age every count."""
-        check_learn_args(len(actions), chosen, propensity, reward)
+        _, actions, chosen, _, reward = example
         self.observe(actions[chosen].id, reward)
-        self._version += 1
 
     def observe(self, item_id: str, reward: float = 0.0, impressions: float = 1.0) -> None:
         """Add impressions and reward of an item (organic traffic too), then age every count."""

@@ -61,8 +61,9 @@ from loopwise.learners.features import vw_adf_lines
 from loopwise.learners.policy import (
     Action,
     ActionTable,
+    BasePolicy,
+    Example,
     FloatArray,
-    check_learn_args,
     pack_snapshot,
 )
 from loopwise.learners.snapshot import SnapshotError
@@ -87,9 +88,6 @@ _HAS_NATIVE: Final = all(
 
 EXPLORATIONS: Final = ("squarecb", "epsilon", "softmax", "bag")
 DEFAULT_EXPLORATION: Final = "squarecb"
-
-Example = tuple[Mapping[str, Any], Sequence[Action], int, float, float]
-"""One closed decision: ``(shared, actions, chosen, propensity, reward)``."""
 
 
 def vw_args(
@@ -134,7 +132,7 @@ DEFAULT_ARGS: Final = vw_args()
 """The default VW command line (see the module docstring for how it was chosen)."""
 
 
-class VWPolicy:
+class VWPolicy(BasePolicy):
     """Vowpal Wabbit ``--cb_explore_adf`` behind the :class:`~loopwise.learners.policy.Policy`
     protocol.
 
@@ -199,11 +197,6 @@ class VWPolicy:
 
     # ------------------------------------------------------------- protocol
 
-    @property
-    def version(self) -> int:
-        """Number of examples learned so far."""
-        return self._version
-
     def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
         """VW's exploration pmf over ``actions`` (float64, renormalized to sum exactly 1)."""
         if not actions:
@@ -229,16 +222,9 @@ class VWPolicy:
         out: FloatArray = p / total
         return out
 
-    def learn(
-        self,
-        shared: Mapping[str, Any],
-        actions: Sequence[Action],
-        chosen: int,
-        propensity: float,
-        reward: float,
-    ) -> None:
+    def _learn(self, example: Example) -> None:
         """One CB update: ``actions[chosen]`` cost ``-reward / reward_scale`` at ``propensity``."""
-        check_learn_args(len(actions), chosen, propensity, reward)
+        shared, actions, chosen, propensity, reward = example
         label = (chosen, -reward / self.reward_scale, propensity)
         lines = self._lines_of(shared, actions, label)
         if self._native:
@@ -253,7 +239,6 @@ class VWPolicy:
                 self._vw.learn(examples)
             finally:
                 self._vw.finish_example(examples)
-        self._version += 1
 
     def learn_many(self, examples: Iterable[Example]) -> None:
         """Learn from closed decisions in order (same as calling :meth:`learn` on each)."""

@@ -41,17 +41,11 @@ from typing import IO, Any, Protocol
 import orjson
 from kafka import TopicPartition
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
 
 from loopwise import kafka_clients
 from loopwise.config import Settings
 from loopwise.learners.log_record import FIELD_KINDS, FIELDS
+from loopwise.progress import progress_bar
 
 SUFFIXES = (".jsonl", ".parquet")
 PARQUET_FORMAT = "loopwise.propensity-log/1"
@@ -328,14 +322,12 @@ def export_log(
             report.ranges = dict(reader.ranges)
             report.read = {p: 0 for p in reader.ranges}
             report.written = {p: 0 for p in reader.ranges}
-            columns = (
-                TextColumn("[bold]export[/bold] {task.fields[topic]}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TextColumn("{task.fields[written]} written, {task.fields[skipped]} skipped"),
-                TimeRemainingColumn(),
+            bar = progress_bar(
+                "[bold]export[/bold] {task.fields[topic]}",
+                "{task.fields[written]} written, {task.fields[skipped]} skipped",
+                enabled=progress,
+                console=console or Console(stderr=True),
             )
-            bar = Progress(*columns, disable=not progress, console=console or Console(stderr=True))
             with bar:
                 task = bar.add_task(
                     "export", total=reader.total, topic=report.topic, written=0, skipped=0
@@ -425,11 +417,9 @@ class _Reader:
         self.consumer = kafka_clients.consumer(
             settings,
             client_id="loopwise-export",
-            group_id=None,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
             max_poll_records=self.chunk,
             check_crcs=_FAST_CRC32C,
+            **kafka_clients.GROUPLESS,
         )
         try:
             self.ranges = self._plan(log_range)

@@ -27,7 +27,9 @@ import hashlib
 import logging
 import ssl
 import threading
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
 
 from loopwise.config.settings import ConfigError, Settings
 
@@ -53,6 +55,12 @@ OWNED = frozenset(
         "sasl_plain_username",
         "sasl_plain_password",
     }
+)
+
+#: The arguments of a consumer outside any consumer group, which reads the partitions it is
+#: assigned from where it seeks (else the earliest offset) and commits nothing.
+GROUPLESS: Final[Mapping[str, Any]] = MappingProxyType(
+    {"group_id": None, "enable_auto_commit": False, "auto_offset_reset": "earliest"}
 )
 
 

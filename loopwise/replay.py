@@ -522,16 +522,17 @@ def replay_details(
                 spool = os.fdopen(fd, "wb", buffering=1 << 20)
             task = bar.add_task("replay: scoring", total=None)
             with _gc_paused():
-                n_valid = _pass_one(
-                    logs, settings, kafka_range, target_objects, model, problems, columns, chunk,
-                    spool, bar, task,
-                )  # fmt: skip
+                chunks = _valid_chunks(logs, settings, chunk, problems, (bar, task), kafka_range)
+                n_valid = _pass_one(chunks, target_objects, model, columns, spool)
             if spool is not None:
                 spool.close()
             if model is not None:
                 task2 = bar.add_task("replay: reward model", total=n_valid)
                 with _gc_paused():
-                    _pass_two(logs, settings, spool_path, model, columns, chunk, bar, task2)
+                    chunks = _valid_chunks(
+                        logs, settings, chunk, None, (bar, task2), spool_path=spool_path
+                    )
+                    _pass_two(chunks, model, columns)
     finally:
         if model is not None:
             model.close()
@@ -553,75 +554,71 @@ def replay_details(
     )
 
 
-def _pass_one(
+_Chunk = tuple[int, str, list[dict[str, Any]], _ChunkColumns]
+"""A chunk of valid records: the index of its first record, its log, the records, their columns."""
+
+
+def _valid_chunks(
     logs: Sequence[str],
     settings: Any,
-    kafka_range: LogRange | None,
-    targets: Sequence[TargetPolicy],
-    model: CrossFitRewardModel | None,
-    problems: _Problems,
-    columns: _Columns,
     chunk_size: int,
-    spool: Any,
-    bar: Progress,
-    task: Any,
-) -> int:
-    n_valid = 0
+    problems: _Problems | None,
+    progress: tuple[Progress, Any],
+    kafka_range: LogRange | None = None,
+    spool_path: str | None = None,
+) -> Iterator[_Chunk]:
+    """Every chunk of valid records of the logs, in order; the progress task counts the
+    records done. With ``spool_path``, ``kafka:`` is read back from there (pass 1's spool)."""
+    bar, task = progress
+    done = 0
     for source in logs:
-        for items in _chunks(source, settings, problems, chunk_size, kafka_range):
-            records, chunk = _validate(items, problems, source)
+        path = spool_path if spool_path is not None and source == KAFKA_LOG else source
+        for items in _chunks(path, settings, problems, chunk_size, kafka_range):
+            records, columns = _validate(items, problems, source)
             if not records:
                 continue
-            columns.add(chunk)
-            typed = _Typed(records)
-            for t, target in enumerate(targets):
-                pmf, scored = target.score(typed, chunk.sizes, chunk.logged_pmf)
-                columns.target_pmf[t].append(pmf)
-                columns.target_ok[t].append(scored)
-            if model is not None:
-                for i, record in enumerate(typed, start=n_valid):
-                    model.learn(
-                        i,
-                        record.shared(),
-                        record.action_list(),
-                        record.chosen,
-                        float(record.reward),
-                    )
-            if spool is not None and source == KAFKA_LOG:
-                spool.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
-            n_valid += len(records)
-            bar.update(task, completed=n_valid)
+            yield done, source, records, columns
+            done += len(records)
+            bar.update(task, completed=done)
+
+
+def _pass_one(
+    chunks: Iterator[_Chunk],
+    targets: Sequence[TargetPolicy],
+    model: CrossFitRewardModel | None,
+    columns: _Columns,
+    spool: Any,
+) -> int:
+    n_valid = 0
+    for start, source, records, chunk in chunks:
+        columns.add(chunk)
+        typed = _Typed(records)
+        for t, target in enumerate(targets):
+            pmf, scored = target.score(typed, chunk.sizes, chunk.logged_pmf)
+            columns.target_pmf[t].append(pmf)
+            columns.target_ok[t].append(scored)
+        if model is not None:
+            for i, record in enumerate(typed, start=start):
+                model.learn(
+                    i,
+                    record.shared(),
+                    record.action_list(),
+                    record.chosen,
+                    float(record.reward),
+                )
+        if spool is not None and source == KAFKA_LOG:
+            spool.write(b"".join(orjson.dumps(r) + b"\n" for r in records))
+        n_valid = start + len(records)
     return n_valid
 
 
-def _pass_two(
-    logs: Sequence[str],
-    settings: Any,
-    spool_path: str | None,
-    model: CrossFitRewardModel,
-    columns: _Columns,
-    chunk_size: int,
-    bar: Progress,
-    task: Any,
-) -> None:
-    i = 0
-    for source in logs:
-        if source == KAFKA_LOG:
-            assert spool_path is not None
-            chunks: Iterator[list[_Item]] = _chunks(spool_path, settings, None, chunk_size)
-        else:
-            chunks = _chunks(source, settings, None, chunk_size)
-        for items in chunks:
-            records, _ = _validate(items, None)
-            if not records:
-                continue
-            q = [
-                model.predict(j, r.shared(), r.action_list())
-                for j, r in enumerate(_Typed(records), start=i)
-            ]
-            columns.q_hat.append(np.concatenate(q))
-            i += len(records)
-            bar.update(task, completed=i)
+def _pass_two(chunks: Iterator[_Chunk], model: CrossFitRewardModel, columns: _Columns) -> None:
+    for start, _, records, _ in chunks:
+        q = [
+            model.predict(j, r.shared(), r.action_list())
+            for j, r in enumerate(_Typed(records), start=start)
+        ]
+        columns.q_hat.append(np.concatenate(q))
 
 
 def _json_float(value: float) -> float | None:

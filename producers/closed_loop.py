@@ -26,12 +26,12 @@ from typing import Any
 import numpy as np
 import orjson
 import redis
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
-from loopwise.producers.simulator import Marketplace
+from loopwise.producers.simulator import Marketplace, Payoff
 from loopwise.producers.traffic import RateLimiter
+from loopwise.progress import progress_bar
 from loopwise.redis_clients import redis_client
 
 DEFAULT_USER = "__default__"
@@ -75,17 +75,13 @@ def run_closed_loop(
     sessions: dict[str, dict[str, Any]] = {}  # user -> context of their current session
     clock = market.clock  # event time goes on from the marketplace's earlier traffic
     gap = market.config.mean_gap_ms
-    columns = (
-        TextColumn("[bold]closed loop"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("reward/decision {task.fields[rate]:.4f}"),
-        TimeRemainingColumn(),
+    bar = progress_bar(
+        "[bold]closed loop", "reward/decision {task.fields[rate]:.4f}", enabled=progress
     )
     with (
         EventPublisher.from_settings(settings) as publisher,
         out.open("wb") as sink,
-        Progress(*columns, disable=not progress) as bar,
+        bar,
     ):
         for event in market.catalog_events():
             publisher.send(event)
@@ -132,9 +128,7 @@ def run_closed_loop(
                 report.events += 1 + len(follow_ups)
                 reward = _reward(settings, follow_ups)
                 reward_sum += reward
-                truth = dict(
-                    click_reward=settings.reward_click, purchase_reward=settings.reward_purchase
-                )
+                payoff = Payoff(settings.reward_click, settings.reward_purchase)
                 line = {
                     "t": report.decisions,
                     "decision_id": nba["decision_id"],
@@ -145,10 +139,10 @@ def run_closed_loop(
                     "propensity": nba["propensity"],
                     "reward": reward,
                     "expected_reward": market.expected_reward(
-                        user_id, nba["item_id"], context, **truth
+                        user_id, nba["item_id"], context, payoff
                     ),
-                    "oracle": market.oracle_value(user_id, context, **truth),
-                    "uniform": market.uniform_value(user_id, context, **truth),
+                    "oracle": market.oracle_value(user_id, context, payoff),
+                    "uniform": market.uniform_value(user_id, context, payoff),
                 }
                 sink.write(orjson.dumps(line) + b"\n")
                 report.decisions += 1

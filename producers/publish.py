@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import orjson
-from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import TransferSpeedColumn
 
 from loopwise.producers.sdk import EventPublisher, InvalidEvent
+from loopwise.progress import progress_bar
 
 
 @dataclass(slots=True)
@@ -22,14 +23,13 @@ def publish_jsonl(path: Path, publisher: EventPublisher, progress: bool = True) 
     """Publish every valid line of ``path``; refused lines are counted and the first 20 reported."""
     report = PublishReport()
     total = path.stat().st_size
-    columns = (
-        TextColumn("[bold]publish"),
-        BarColumn(),
-        TransferSpeedColumn(),
-        TextColumn("{task.fields[events]} events"),
-        TimeRemainingColumn(),
+    bar = progress_bar(
+        "[bold]publish",
+        "{task.fields[events]} events",
+        enabled=progress,
+        count=TransferSpeedColumn(),
     )
-    with path.open("rb") as lines, Progress(*columns, disable=not progress) as bar:
+    with path.open("rb") as lines, bar:
         task = bar.add_task("publish", total=total, events=0)
         for number, line in enumerate(lines, start=1):
             bar.advance(task, len(line))

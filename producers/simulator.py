@@ -51,12 +51,12 @@ import heapq
 import math
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["Context", "MarketConfig", "Marketplace"]
+__all__ = ["CLICKS", "Context", "MarketConfig", "Marketplace", "Payoff"]
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
@@ -75,6 +75,18 @@ _QUANTITY_P: Final = (0.82, 0.12, 0.06)
 _BLOCK: Final = 256
 # Calibration looks at no more than this many (user, device, hour, item) cells.
 _CALIBRATION_CELLS: Final = 3_000_000
+
+
+class Payoff(NamedTuple):
+    """What a click and a purchase of the shown item are worth, for the expected rewards
+    of the ground truth (the worker's ``reward_click`` and ``reward_purchase``)."""
+
+    click: float = 1.0
+    purchase: float = 0.0
+
+
+CLICKS: Final = Payoff()
+"""A click is worth 1, a purchase nothing more: the expected reward is P(click)."""
 
 
 @dataclass(frozen=True)
@@ -334,17 +346,13 @@ class Marketplace:
         return out
 
     def expected_rewards(
-        self,
-        user_id: str,
-        context: Context,
-        click_reward: float = 1.0,
-        purchase_reward: float = 0.0,
+        self, user_id: str, context: Context, payoff: Payoff = CLICKS
     ) -> FloatArray:
         """Expected reward of showing each item (``items`` order):
-        ``click_reward * P(click) + purchase_reward * P(purchase)``."""
-        rewards: FloatArray = click_reward * self.click_probabilities(user_id, context)
-        if purchase_reward:
-            rewards = rewards + purchase_reward * self.purchase_probabilities(user_id, context)
+        ``payoff.click * P(click) + payoff.purchase * P(purchase)``."""
+        rewards: FloatArray = payoff.click * self.click_probabilities(user_id, context)
+        if payoff.purchase:
+            rewards = rewards + payoff.purchase * self.purchase_probabilities(user_id, context)
         return rewards
 
     def click_probability(self, user_id: str, item_id: str, context: Context) -> float:
@@ -362,49 +370,24 @@ class Marketplace:
         return float(_sigmoid(self._c0 + self._buy_rest(u, dev))[j])
 
     def expected_reward(
-        self,
-        user_id: str,
-        item_id: str,
-        context: Context,
-        click_reward: float = 1.0,
-        purchase_reward: float = 0.0,
+        self, user_id: str, item_id: str, context: Context, payoff: Payoff = CLICKS
     ) -> float:
-        """``click_reward * P(click) + purchase_reward * P(purchase)`` of showing the item."""
-        rewards = self.expected_rewards(user_id, context, click_reward, purchase_reward)
+        """``payoff.click * P(click) + payoff.purchase * P(purchase)`` of showing the item."""
+        rewards = self.expected_rewards(user_id, context, payoff)
         return float(rewards[self._item(item_id)])
 
-    def best_item(
-        self,
-        user_id: str,
-        context: Context,
-        click_reward: float = 1.0,
-        purchase_reward: float = 0.0,
-    ) -> str:
+    def best_item(self, user_id: str, context: Context, payoff: Payoff = CLICKS) -> str:
         """The item with the highest expected reward for this user in this context."""
-        rewards = self.expected_rewards(user_id, context, click_reward, purchase_reward)
+        rewards = self.expected_rewards(user_id, context, payoff)
         return self.items[int(np.argmax(rewards))]
 
-    def oracle_value(
-        self,
-        user_id: str,
-        context: Context,
-        click_reward: float = 1.0,
-        purchase_reward: float = 0.0,
-    ) -> float:
+    def oracle_value(self, user_id: str, context: Context, payoff: Payoff = CLICKS) -> float:
         """Expected reward of the oracle (always shows :meth:`best_item`)."""
-        return float(np.max(self.expected_rewards(user_id, context, click_reward, purchase_reward)))
+        return float(np.max(self.expected_rewards(user_id, context, payoff)))
 
-    def uniform_value(
-        self,
-        user_id: str,
-        context: Context,
-        click_reward: float = 1.0,
-        purchase_reward: float = 0.0,
-    ) -> float:
+    def uniform_value(self, user_id: str, context: Context, payoff: Payoff = CLICKS) -> float:
         """Expected reward of showing an item chosen uniformly at random."""
-        return float(
-            np.mean(self.expected_rewards(user_id, context, click_reward, purchase_reward))
-        )
+        return float(np.mean(self.expected_rewards(user_id, context, payoff)))
 
     def draw_outcome(
         self, user_id: str, item_id: str, context: Context, rng: np.random.Generator

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import time
 
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
 from loopwise.config import Settings
 from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import Marketplace
+from loopwise.progress import progress_bar
 
 
 class RateLimiter:
@@ -39,17 +38,10 @@ def publish_traffic(
     progress: bool = True,
 ) -> int:
     """Publish the catalog (optional) then ``n_events`` of organic traffic; the number sent."""
-    columns = (
-        TextColumn("[bold]simulate"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]:>8.0f} ev/s"),
-        TimeRemainingColumn(),
-    )
     sent = 0
     with (
         EventPublisher.from_settings(settings) as publisher,
-        Progress(*columns, disable=not progress) as bar,
+        progress_bar("[bold]simulate", "{task.fields[rate]:>8.0f} ev/s", enabled=progress) as bar,
     ):
         if catalog:
             for event in market.catalog_events():

@@ -66,9 +66,7 @@ async def read_range(
     """Lists of up to ``size`` records ``(key, value, offset)`` of ``topic``/``partition``
     from offset ``start`` up to ``end`` (excluded), in order. Offsets the log no longer holds
     (retention) or that held control records are simply absent."""
-    consumer = kafka_clients.aio_consumer(
-        settings, enable_auto_commit=False, group_id=None, auto_offset_reset="earliest"
-    )
+    consumer = kafka_clients.aio_consumer(settings, **kafka_clients.GROUPLESS)
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)

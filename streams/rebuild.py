@@ -61,10 +61,10 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from kafka import TopicPartition as SyncTopicPartition
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from loopwise import kafka_clients
 from loopwise.config import Settings
+from loopwise.progress import progress_bar
 from loopwise.streams.catalog import Catalog
 from loopwise.streams.checkpoint import Checkpoint
 from loopwise.streams.errors import retry
@@ -255,10 +255,8 @@ async def _replay(
     consumer = kafka_clients.aio_consumer(
         settings,
         client_id="loopwise-rebuild",
-        group_id=None,
-        enable_auto_commit=False,
-        auto_offset_reset="earliest",
         max_poll_records=settings.batch_size,
+        **kafka_clients.GROUPLESS,
     )
     await consumer.start()
     try:
@@ -275,14 +273,12 @@ async def _replay(
                 consumer.seek(TopicPartition(topic, r.partition), r.start)
         merged = _TimeMerge(consumer, ends)
         users: set[str] = set()
-        columns = (
-            TextColumn(f"[bold]rebuild[/bold] {topic}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("{task.fields[accepted]} accepted"),
-            TimeRemainingColumn(),
+        bar = progress_bar(
+            f"[bold]rebuild[/bold] {topic}",
+            "{task.fields[accepted]} accepted",
+            enabled=progress,
+            console=console or Console(stderr=True),
         )
-        bar = Progress(*columns, disable=not progress, console=console or Console(stderr=True))
         with bar:
             task = bar.add_task("rebuild", total=report.messages, accepted="0")
             async for records in merged.batches(settings.batch_size):

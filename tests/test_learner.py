@@ -18,7 +18,7 @@ import orjson
 import pytest
 
 from loopwise.config import Settings, load_settings
-from loopwise.learners.policy import Action, FloatArray
+from loopwise.learners.policy import Action, BasePolicy, Example, FloatArray
 from loopwise.learners.popularity import PopularityPolicy
 from loopwise.learners.vw_policy import VWPolicy
 from loopwise.streams.decisions import DecisionMaker
@@ -57,28 +57,19 @@ def log_record(
     )
 
 
-class RecordingPolicy:
+class RecordingPolicy(BasePolicy):
     """A policy that records its learn calls: (user_id, item ids, chosen, propensity, reward)."""
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.calls: list[tuple[str, list[str], int, float, float]] = []
-
-    @property
-    def version(self) -> int:
-        return len(self.calls)
+        self._version = 0
 
     def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> FloatArray:
         return np.full(len(actions), 1.0 / len(actions))
 
-    def learn(
-        self,
-        shared: Mapping[str, Any],
-        actions: Sequence[Action],
-        chosen: int,
-        propensity: float,
-        reward: float,
-    ) -> None:
+    def _learn(self, example: Example) -> None:
+        shared, actions, chosen, propensity, reward = example
         ids = [action.id for action in actions]
         self.calls.append((shared["user"]["user_id"], ids, chosen, propensity, reward))
 

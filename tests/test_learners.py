@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from bench.bench_policies import run_loop
 from loopwise.learners.arms import ArmAssigner, ArmConfigError, unit_hash, validate_shares
 from loopwise.learners.features import (
     FeatureHasher,
@@ -375,27 +376,6 @@ def test_reward_monitor_flags_a_change_of_the_reward_rate() -> None:
 # ------------------------------------------------------------------ learning
 
 
-def closed_loop(
-    policy: Policy, market: Marketplace, rounds: int, seed: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The worker's loop against the simulator: expected reward of chosen, oracle, uniform."""
-    rng = np.random.default_rng(seed)
-    actions = [Action(item, market.item_features(item)) for item in market.items]
-    floor = 0.01 / len(actions)
-    got, best, uniform = np.zeros(rounds), np.zeros(rounds), np.zeros(rounds)
-    for t in range(rounds):
-        user = market.sample_user(rng)
-        context = market.sample_context(rng, user)
-        shared = {"user": {"user_id": user}, "context": context}
-        pmf = apply_floor(policy.pmf(shared, actions), floor)
-        chosen = sample(pmf, rng)
-        clicked, _ = market.draw_outcome(user, actions[chosen].id, context, rng)
-        policy.learn(shared, actions, chosen, float(pmf[chosen]), 1.0 if clicked else 0.0)
-        truth = market.expected_rewards(user, context)
-        got[t], best[t], uniform[t] = truth[chosen], truth.max(), truth.mean()
-    return got, best, uniform
-
-
 def test_vw_default_learns_close_to_the_oracle_in_the_simulated_market() -> None:
     """200 users x 40 items, 60k rounds: the last 20k reach >= 0.8 of the oracle.
 
@@ -405,7 +385,7 @@ def test_vw_default_learns_close_to_the_oracle_in_the_simulated_market() -> None
     (the per-user x item taste must be learned per user), too slow for a unit test.
     """
     market = Marketplace(MarketConfig(n_users=200, n_items=40, seed=0))
-    got, best, uniform = closed_loop(VWPolicy(), market, rounds=60_000, seed=1)
+    got, best, uniform = run_loop(VWPolicy(), market, rounds=60_000, seed=1)
     last = slice(40_000, None)
     vs_oracle = got[last].sum() / best[last].sum()
     vs_uniform = got[last].sum() / uniform[last].sum()
@@ -415,7 +395,7 @@ def test_vw_default_learns_close_to_the_oracle_in_the_simulated_market() -> None
 
 def test_popularity_holdout_beats_uniform_in_the_simulated_market() -> None:
     market = Marketplace(MarketConfig(n_users=200, n_items=40, seed=0))
-    got, _, uniform = closed_loop(PopularityPolicy(), market, rounds=8_000, seed=1)
+    got, _, uniform = run_loop(PopularityPolicy(), market, rounds=8_000, seed=1)
     last = slice(4_000, None)
     assert got[last].sum() / uniform[last].sum() >= 1.5  # measured 2.06
 

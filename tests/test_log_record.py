@@ -24,7 +24,7 @@ from loopwise.learners.log_record import (
     LogRecordError,
     check_record,
 )
-from loopwise.learners.policy import Action, check_learn_args
+from loopwise.learners.policy import Action, BasePolicy, Example
 from loopwise.replay import _chunks, _Problems, _validate
 from loopwise.streams.learner import Learner
 from loopwise.streams.reward_join import Decision, OpenDecision, RewardJoin, RewardRule
@@ -205,26 +205,19 @@ def test_action_list() -> None:
 # ------------------------------------------------- the learner and the replay: the same records
 
 
-class _CheckingPolicy:
-    """A policy that checks every learn call as real ones do, and featurizes it as VW would."""
+class _CheckingPolicy(BasePolicy):
+    """A policy that checks every learn call as real ones do (:class:`BasePolicy`), and
+    featurizes it as VW would."""
 
     name = "vw"
-    version = 0
+    _version = 0
 
     def pmf(self, shared: Mapping[str, Any], actions: Sequence[Action]) -> Any:
         raise NotImplementedError
 
-    def learn(
-        self,
-        shared: Mapping[str, Any],
-        actions: Sequence[Action],
-        chosen: int,
-        propensity: float,
-        reward: float,
-    ) -> None:
-        check_learn_args(len(actions), chosen, propensity, reward)
+    def _learn(self, example: Example) -> None:
+        shared, actions, chosen, propensity, reward = example
         vw_adf_lines(shared, actions, (chosen, -reward, propensity))
-        self.version += 1
 
     def snapshot(self) -> bytes:
         raise NotImplementedError

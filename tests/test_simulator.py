@@ -13,7 +13,7 @@ import orjson
 import pytest
 
 from loopwise.producers import simulator
-from loopwise.producers.simulator import MarketConfig, Marketplace
+from loopwise.producers.simulator import MarketConfig, Marketplace, Payoff
 
 N_EVENTS = 50_000
 EVENT_TYPES = {"view", "click", "purchase", "item"}
@@ -299,7 +299,7 @@ def test_probabilities_are_consistent(market: Marketplace) -> None:
         assert market.purchase_probability(user, item, ctx) == pytest.approx(
             clicks[j] * market.purchase_given_click(user, item, ctx)
         )
-        assert market.expected_reward(user, item, ctx, 1.0, 5.0) == pytest.approx(
+        assert market.expected_reward(user, item, ctx, Payoff(1.0, 5.0)) == pytest.approx(
             clicks[j] + 5.0 * buys[j]
         )
         best = market.best_item(user, ctx)
@@ -341,8 +341,8 @@ def test_oracle_beats_uniform(market: Marketplace) -> None:
         ctx = market.sample_context(rng, user)
         oracle.append(market.oracle_value(user, ctx))
         uniform.append(market.uniform_value(user, ctx))
-        oracle_rev.append(market.oracle_value(user, ctx, 1.0, 10.0))
-        uniform_rev.append(market.uniform_value(user, ctx, 1.0, 10.0))
+        oracle_rev.append(market.oracle_value(user, ctx, Payoff(1.0, 10.0)))
+        uniform_rev.append(market.uniform_value(user, ctx, Payoff(1.0, 10.0)))
         assert oracle[-1] >= uniform[-1]
     ratio = float(np.mean(oracle) / np.mean(uniform))
     assert ratio > 3.0, ratio
