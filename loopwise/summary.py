@@ -33,14 +33,20 @@ def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000)
         reconciled = stats.get("consumed", 0) == (
             stats.get("accepted", 0) + stats.get("duplicates", 0) + stats.get("deadlettered", 0)
         )
-        monitor_raw, invalid_raw = client.hmget(
-            settings.key("model"), ["reward_monitor", "invalid_records"]
+        monitor_raw, invalid_raw, version, offsets = client.hmget(
+            settings.key("model"), ["reward_monitor", "invalid_records", "version", "offsets"]
         )
+        model = {  # the published snapshot, and whether a worker holds the learner's lease
+            "version": int(version or 0),
+            "log_records_included": sum(orjson.loads(offsets).values()) if offsets else 0,
+            "learner_active": bool(client.exists(settings.key("model", "lease"))),
+        }
         return {
             "stats": stats,
             "reconciled": reconciled,
             "reward_monitor": orjson.loads(monitor_raw) if monitor_raw else {},
             "invalid_log_records": orjson.loads(invalid_raw) if invalid_raw else {},
+            "model": model,
             "users": n_users,
             "catalog_items": int(client.hlen(settings.key("catalog"))),
             "sample_users": hashes,
@@ -65,6 +71,13 @@ def print_summary(summary: dict[str, Any], console: Console | None = None) -> No
     console.print(
         f"users with state: {summary['users']:,}   catalog items: {summary['catalog_items']:,}"
     )
+    model = summary.get("model") or {}
+    if model.get("version"):
+        console.print(
+            f"model snapshot: version {model['version']:,}, "
+            f"{model['log_records_included']:,} log records (offsets) included; "
+            f"a worker learns now: {'yes' if model['learner_active'] else 'no'}"
+        )
     monitors = summary.get("reward_monitor") or {}
     if monitors:
         watch = Table(title="Reward rate per arm (learner's ADWIN monitor, since worker start)")

@@ -29,8 +29,7 @@ from typing import IO
 import orjson
 import pytest
 import redis
-from kafka import KafkaConsumer, TopicPartition
-from worker_helpers import stats, wait_until
+from worker_helpers import learned_offsets, log_end_offsets, settled, stats, wait_until
 
 from loopwise.config import Settings, load_settings
 from loopwise.export import export_log, read_log
@@ -67,31 +66,6 @@ class Worker:
             self.exits.append(self.proc.returncode)
             self.proc = spawn_worker(self.s, output=self.output)
         return self.proc
-
-
-def log_end_offsets(s: Settings) -> dict[int, int]:
-    consumer = KafkaConsumer(bootstrap_servers=s.bootstrap_servers, group_id=None)
-    try:
-        tps = [TopicPartition(s.propensity_log_topic, p) for p in range(s.topic_partitions)]
-        return {tp.partition: n for tp, n in consumer.end_offsets(tps).items() if n > 0}
-    finally:
-        consumer.close()
-
-
-def learned_offsets(r: redis.Redis, s: Settings) -> dict[int, int]:
-    raw = r.hget(s.key("model"), "offsets")
-    return {int(p): int(n) for p, n in orjson.loads(raw).items()} if raw else {}
-
-
-def settled(r: redis.Redis, s: Settings, published: int) -> bool:
-    """Everything consumed, every decision closed and logged, the learner at the log's end."""
-    parts = [str(p) for p in range(s.topic_partitions)]
-    return (
-        stats(r, s)["accepted"] == published
-        and all(r.hlen(s.key("join", p)) == 0 for p in parts)
-        and all(r.llen(s.key("outbox", p)) == 0 for p in parts)
-        and learned_offsets(r, s) == log_end_offsets(s)
-    )
 
 
 def test_sigkills_and_a_broker_kill_9_lose_no_decision_and_learn_each_once(
