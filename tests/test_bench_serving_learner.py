@@ -1,4 +1,5 @@
-"""``loopwise bench learner``: its help, and its core on a few examples (no Kafka, no Redis)."""
+"""``loopwise bench serving`` and ``loopwise bench learner``: their help, and the learner
+bench's core on a few examples (no Kafka, no Redis)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,10 @@ SMALL = {"users": 60, "items": 30, "seed": 3}
 @pytest.mark.parametrize(
     ("name", "options"),
     [
+        (
+            "serving",
+            ["--rate", "--seconds", "--idle-seconds", "--warmup-s", "--get-rate", "--out"],
+        ),
         ("learner", ["--examples", "--holdout", "--vw-args", "--tolerance", "--no-pyvw", "--out"]),
     ],
 )
@@ -95,3 +100,46 @@ def test_the_check_fails_when_native_vw_learned_other_examples(tmp_path: Path) -
     short.write_text("".join(text + "\n\n" for text in examples[:-1]))
     problems = disagreements([ours, run_native(short, policy_args, queries)], 20, 1e-9)
     assert any("counted 19 examples" in p for p in problems), problems
+
+
+class FakeRedis:
+    """Answers GET from a dict; records the keys asked for."""
+
+    def __init__(self, values: dict[str, bytes]) -> None:
+        self.values = values
+        self.asked: list[str] = []
+
+    def get(self, key: str) -> bytes | None:
+        self.asked.append(key)
+        return self.values.get(key)
+
+
+def test_the_serving_client_alternates_and_falls_back_to_the_default_on_a_miss() -> None:
+    from bench.bench_serving import WARM_REQUESTS, summarize, time_requests
+
+    values = {"nba:a": b"x" * 30, "nba:__default__": b"d" * 20, "bare": b"y" * 30}
+    fake = FakeRedis(values)
+    signals: list[str] = []
+    samples = time_requests(
+        fake,  # type: ignore[arg-type]
+        nba_keys=["nba:a", "nba:gone"],
+        default_key="nba:__default__",
+        bare_key="bare",
+        seconds=0.05,
+        get_rate=0,
+        seed=1,
+        signal=signals.append,
+    )
+    assert signals == ["measuring", "done"]
+    asked = fake.asked[WARM_REQUESTS:]
+    misses = asked.count("nba:gone")
+    assert misses > 0 and asked.count("nba:a") > 0
+    # every miss is followed by a GET of the default; every nba read by a bare GET
+    assert asked.count("nba:__default__") == misses == int(samples["nba_fallback"].sum())
+    assert len(samples["nba_ns"]) == misses + asked.count("nba:a")
+    assert len(samples["bare_ns"]) in (len(samples["nba_ns"]), len(samples["nba_ns"]) - 1)
+    assert set(samples["nba_bytes"].tolist()) == {30, 20}
+    summary = summarize(samples, {})
+    assert summary["nba_fallbacks"] == misses
+    assert summary["nba_found_only"]["n"] == len(samples["nba_ns"]) - misses
+    assert summary["nba"]["p50"] <= summary["nba"]["p99"] <= summary["nba"]["max"]
