@@ -62,7 +62,7 @@ set: a model that learned other examples does not pass.
 
 Writes ``bench/results/learner.json``. Run: ``make bench-learner`` or
 ``loopwise bench learner`` (20,000 examples: generating them takes about as long as all
-the timed paths together, ~3 minutes in all on 2 busy cores; a quick look:
+the timed paths together, 1.5 to 3 minutes in all on 2 shared cores; a quick look:
 ``--examples 2000``).
 """
 

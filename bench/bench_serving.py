@@ -520,8 +520,10 @@ def report(result: dict[str, Any], out: Path) -> None:
         )
     console.print(table)
     for phase, s in result["phases"].items():
+        served = (s["nba"]["n"] + s["bare"]["n"]) / s["elapsed_s"]
         line = (
-            f"{phase}: {s['nba_fallbacks']:,} of {s['nba']['n']:,} nba reads fell back to "
+            f"{phase}: {served:,.0f} requests/s served; "
+            f"{s['nba_fallbacks']:,} of {s['nba']['n']:,} nba reads fell back to "
             f"nba:__default__; nba values read: median {s['nba_median_bytes']:,.0f} B; "
             f"Redis CPU {100 * s['redis_cpu_share']:.0f}% of the phase"
         )
@@ -535,6 +537,11 @@ def report(result: dict[str, Any], out: Path) -> None:
                 f"{s['backlog_at_end']:,} at the end"
             )
         console.print(line)
+        if phase == "load" and s["backlog_at_end"] > s["backlog_at_start"] + 1000:
+            console.print(
+                "[yellow]the worker did not keep up with the traffic (its backlog grew): it was "
+                "busy all the time, so the load was what it can do here, not --rate[/yellow]"
+            )
     if "idle" in result["phases"]:
         load, idle = result["phases"]["load"]["bare"], result["phases"]["idle"]["bare"]
         console.print(
