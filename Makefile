@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults bench-profile clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults bench-profile bench-serving bench-learner clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -69,6 +69,12 @@ bench-faults: install  ## worker SIGKILLs, broker and Redis kill -9, poison inpu
 bench-profile: install  ## the worker under py-spy over 200k events: CPU µs per event per stage, full loop and state only (~7 min)
 	$(BIN)/python -m bench.bench_profile
 	$(BIN)/python -m bench.bench_profile --state-only
+
+bench-serving: install  ## GET nba:{user} latency from a separate client under the worker's load vs a bare GET of its size (~2 min)
+	$(BIN)/python -m bench.bench_serving
+
+bench-learner: install  ## the learner's examples/s vs VW's own C++ driver on the same 20k logged examples (~3 min)
+	$(BIN)/python -m bench.bench_learner
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache

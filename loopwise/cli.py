@@ -548,6 +548,8 @@ BENCHMARKS: dict[str, str] = {
     "soak": "worker RSS and Redis memory under 10 min of steady traffic: levels off or not",
     "faults": "worker SIGKILLs, broker and Redis kill -9, poison input: what was lost",
     "profile": "the worker under py-spy: CPU µs per event, stage by stage",
+    "serving": "GET nba:{user} p50/p99/p999 under the worker's load vs a bare GET of its size",
+    "learner": "the learner's examples/s vs VW's own C++ driver on the same logged examples",
 }
 """The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
