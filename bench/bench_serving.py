@@ -6,7 +6,7 @@ to the same Redis, against the floor of the same client doing a bare ``GET`` of 
 of the same size, in the same run, on the same Redis.
 
 **Set-up** (all started here, on free ports): a Kafka broker and Redis
-(``loopwise/infra``), the ``bench.*`` topics (``bench_worker.bench_settings``), and a real
+(``loopwise/infra``), the ``serving.*`` topics (``bench.common.bench_settings``), and a real
 worker process (``loopwise worker``, the full loop with default arms: a VW decision per
 touched user per batch, written to ``nba:{user}`` in the batch's MULTI/EXEC). Organic
 traffic from the simulator's marketplace (``--users`` x ``--items``, as ``bench_soak``:
@@ -77,7 +77,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.bench_soak import Counts, guarded, market_config, organic_load
-from bench.bench_worker import bench_settings
+from bench.common import bench_settings
 from loopwise.config import Settings, load_settings
 from loopwise.infra import LocalInfra
 from loopwise.producers.simulator import Marketplace
@@ -344,7 +344,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         load = None
         client = None
         try:
-            settings = bench_settings(infra, Settings.model_fields["batch_size"].default)
+            settings = bench_settings(infra, "serving")
             client = redis_client(settings)
             worker = spawn_worker(settings, log_level="warning")
             market = Marketplace(market_config(args, run_tag="serving"))
