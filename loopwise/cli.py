@@ -574,7 +574,7 @@ class BenchCommand(click.Command):
     context_settings={"ignore_unknown_options": True, "allow_extra_args": True},
     help="Run a benchmark of bench/ (a source checkout); the ARGS go to it.\n\n\b\n"
     + "\n".join(f"{name:10} {what}" for name, what in BENCHMARKS.items())
-    + "\n\nworker and freshness start their own Kafka + Redis on free ports. "
+    + "\n\nThose that need Kafka and Redis start their own on free ports. "
     "`loopwise bench NAME --help` shows a benchmark's options.",
 )
 @click.argument("name", type=click.Choice(list(BENCHMARKS)), metavar="NAME")

@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Container, Mapping
 from typing import Any
 
 import faust
@@ -220,13 +220,20 @@ def build_app(
     @app.agent(events_topic, concurrency=1)
     async def events(stream: Any) -> None:
         batches = take_now(stream, settings.batch_size, 1.0, settings.batch_within_s)
-        async for batch in batches:
-            messages = [
-                Message(m.key, m.value, m.topic, m.partition, m.offset)
-                for m in (event.message for event in batch)
-            ]
+        async for taken in batches:
             started = time.perf_counter()
             async with lock:
+                # A batch taken before a rebalance may hold messages of partitions revoked
+                # meanwhile (Faust clears its queues on revocation, not what an agent holds):
+                # their new owner processes them; applying them here too would make two
+                # workers own one partition's join and outbox, and log decisions twice.
+                batch = owned_only(taken, owned_now)
+                if not batch:
+                    continue
+                messages = [
+                    Message(m.key, m.value, m.topic, m.partition, m.offset)
+                    for m in (event.message for event in batch)
+                ]
                 try:
                     report = await process(messages)
                 except RedisDataLost as exc:
@@ -240,8 +247,17 @@ def build_app(
             for event in batch:
                 await stream.ack(event)
 
+    # The partitions this worker owns now, by the rebalance signals: a revoked partition
+    # leaves at once (the consumer's own assignment changes only with the next one).
+    owned_now: set[tuple[str, int]] = set()
+
+    @app.on_partitions_revoked.connect  # type: ignore[arg-type]
+    async def on_revoked_owned(app: faust.App, revoked: Any, **_: Any) -> None:
+        owned_now.difference_update((tp.topic, tp.partition) for tp in revoked)
+
     @app.on_partitions_assigned.connect  # type: ignore[arg-type]
     async def on_assigned(app: faust.App, assigned: Any, **_: Any) -> None:
+        owned_now.update((tp.topic, tp.partition) for tp in assigned)
         owned = sorted(tp.partition for tp in assigned if tp.topic == settings.events_topic)
         log.info("events partitions assigned to this worker: %s", owned)
 
@@ -301,6 +317,20 @@ def build_app(
                 pipeline.disown(gone)
 
     return app
+
+
+def owned_only(batch: list[Any], owned: Container[tuple[str, int]]) -> list[Any]:
+    """The events of ``batch`` whose (topic, partition) is ``owned``; the others are left
+    unacked to the worker that owns their partition now (logged)."""
+    kept = [e for e in batch if (e.message.topic, e.message.partition) in owned]
+    if len(kept) < len(batch):
+        gone = sorted({e.message.partition for e in batch} - {e.message.partition for e in kept})
+        log.info(
+            "%d events of partitions %s revoked while their batch waited: left to their new owner",
+            len(batch) - len(kept),
+            gone,
+        )
+    return kept
 
 
 def _raw_topic(app: faust.App, name: str) -> Any:

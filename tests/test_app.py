@@ -21,3 +21,20 @@ def test_faust_keeps_its_data_folder_under_state_dir_not_the_working_directory(
     assert app.conf.datadir == state / "loopwise-x-data"
     app.conf.datadir.mkdir(exist_ok=True)  # what Faust does on start: its parent exists
     assert list(cwd.iterdir()) == []
+
+
+def test_a_batch_keeps_only_the_events_of_partitions_still_assigned() -> None:
+    """Events taken before a rebalance revoked their partition are left to its new owner."""
+    from types import SimpleNamespace
+
+    from loopwise.streams.app import owned_only
+
+    def event(topic: str, partition: int, offset: int) -> SimpleNamespace:
+        return SimpleNamespace(
+            message=SimpleNamespace(topic=topic, partition=partition, offset=offset)
+        )
+
+    batch = [event("ev", 0, 1), event("ev", 1, 7), event("ev", 0, 2), event("other", 1, 3)]
+    kept = owned_only(batch, {("ev", 0), ("other", 1)})
+    assert [(e.message.partition, e.message.offset) for e in kept] == [(0, 1), (0, 2), (1, 3)]
+    assert owned_only(batch, set()) == []

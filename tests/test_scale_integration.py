@@ -53,7 +53,10 @@ def scaled(base: Settings, tag: str) -> Settings:
             "app_id": f"{base.app_id}-{tag}",
             "key_prefix": f"{base.key_prefix}{tag}:",
             "topic_partitions": 6,
-            "attribution_window_ms": 2_000,  # every shown decision closes within the test
+            # Event time runs ~75x the wall clock here (a 250 ms gap per decision at 300/s):
+            # 20 s of it hold nearly every click (4 s mean delay) and close in well under a
+            # second of wall clock; a dead worker's open decisions outlast its ~10 s outage.
+            "attribution_window_ms": 20_000,
             "snapshot_interval_s": 1.0,
             "learner_lease_s": 3.0,  # a killed learner's successor takes over after 3 s
         }
@@ -140,7 +143,7 @@ def test_three_workers_one_killed_one_added_lose_nothing_and_learn_as_one(
     one = run(scaled(isolated_settings, "one"), tmp_path, workers=1, faults=False)
     s = scaled(isolated_settings, "three")
     shown, records, counts, model, events = run(s, tmp_path, workers=3, faults=True)
-    print("events:", events, "| counters:", dict(counts))
+    print("events:", events, "| counters:", dict(counts), "| one worker:", dict(one[2]))
 
     assert counts["accepted"] == counts["consumed"] - counts["duplicates"]
     assert counts["deadlettered"] == 0
