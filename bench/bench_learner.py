@@ -100,7 +100,7 @@ from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.streams.decisions import DecisionMaker
 from loopwise.streams.decoding import Event
 from loopwise.streams.learner import Learner, build_policies
-from loopwise.streams.reward_join import RewardRule
+from loopwise.streams.reward_join import OpenDecision, RewardJoin, RewardRule
 from loopwise.streams.user_state import StateRules, UserState, apply_event
 
 console = Console(width=None if sys.stdout.isatty() else 120)  # logs: wide tables
@@ -167,6 +167,7 @@ def generate(
     )
     rng = np.random.default_rng(seed + 2)
     rule, rules = RewardRule(), StateRules()
+    join = RewardJoin(window_ms=0, rule=rule)  # only its record(): the writer's log record
     states: dict[str, UserState] = {}
     table = ActionTable()
     held: list[bytes] = []
@@ -195,25 +196,17 @@ def generate(
             )
             revenue = market.item_features(decision.item_id)["price"] if purchased else 0.0
             reward = rule(int(clicked), int(purchased), revenue)
-            record = LogRecord(
-                decision_id=decision.decision_id,
-                timestamp=event.timestamp,
-                user_id=user_id,
-                arm=decision.arm,
-                policy_version=decision.policy_version,
-                context=decision.context,
-                user_features=decision.user_features,
-                actions=decision.actions,
-                chosen=decision.chosen,
-                propensity=decision.pmf[decision.chosen],
-                pmf=decision.pmf,
-                reward=reward,
-                reward_components={
-                    "clicks": int(clicked),
-                    "purchases": int(purchased),
-                    "revenue": round(revenue, 6),
-                },
+            # Shown at once, closed with its outcome: the join's own log record.
+            shown = OpenDecision(
+                decision,
+                event.timestamp,
+                event.timestamp,
+                decision.context,
+                clicks=int(clicked),
+                purchases=int(purchased),
+                revenue=revenue,
             )
+            record = join.record(shown)
             raw = record.to_json()
             parsed = LogRecord.from_json(raw)  # the record as the learner will read it
             # The generator's closed loop: its policies learn as the learner would.
