@@ -60,8 +60,8 @@ bench-ope: install  ## replay throughput on a 1M-record log vs a per-record Pyth
 bench-fuzz: install  ## 1M hostile messages through the real worker, every count reconciled (~12 min)
 	$(BIN)/python -m bench.bench_fuzz
 
-bench-soak: install  ## worker RSS and Redis memory under 10 minutes of steady traffic, plot
-	$(BIN)/python -m bench.bench_soak
+bench-soak: install  ## worker RSS and Redis memory under 20 minutes of steady traffic, plot
+	$(BIN)/python -m bench.bench_soak --minutes 20
 
 bench-faults: install  ## worker SIGKILLs, broker and Redis kill -9, poison input, learning loop on: what was lost (~12 min)
 	$(BIN)/python -m bench.bench_faults
