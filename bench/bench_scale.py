@@ -23,8 +23,8 @@ output records the CPU count, the load average and how busy the CPUs were in eac
 
 2. Snapshot propagation. A fresh topic, 3 workers running the full loop, and the
    product's closed loop (``producers/closed_loop.py``: a simulated serving layer that
-   reads ``nba:{user}``, shows it, and sends the view and its click) at ``--loop-rate``
-   shown decisions/s for ``--loop-seconds``, so the propensity log fills, the worker
+   reads ``nba:{user}``, shows it, and sends the view and its click) at ``--propagation-rate``
+   shown decisions/s for ``--propagation-seconds``, so the propensity log fills, the worker
    holding the learner lease learns and publishes a snapshot every ``snapshot_interval_s``
    and every worker reloads it within ``model_reload_s``. The benchmark polls Redis every
    ``--poll-ms``:
@@ -86,7 +86,7 @@ from loopwise.producers.simulator import MarketConfig, Marketplace
 from loopwise.redis_clients import redis_client
 from loopwise.streams.worker import spawn_worker
 
-console = Console()
+console = Console(width=None if Console().is_terminal else 110)  # tables unwrapped in logs
 RESULTS = Path(__file__).parent / "results"
 PARTITIONS = 6
 POLL_S = 0.02
@@ -334,15 +334,11 @@ def throughput(base: Settings, total: int, counts: Sequence[int], repeat: int) -
 # ----------------------------------------------------------------------- propagation
 
 
-def group_assignment(settings: Settings) -> dict[str, tuple[int, ...]]:
+def group_assignment(admin: Any, settings: Settings) -> dict[str, tuple[int, ...]]:
     """Member id -> the events partitions it owns, from the broker's description of the
-    consumer group (empty when it cannot be read)."""
+    consumer group (``admin``: a kafka-python admin client; empty when it cannot be read)."""
     try:
-        admin = kafka_clients.admin(settings, client_id="bench-scale")
-        try:
-            described = admin.describe_groups([settings.app_id])
-        finally:
-            admin.close()
+        described = admin.describe_groups([settings.app_id])
     except Exception as exc:  # the figures fall back to partitions
         logging.getLogger("bench.scale").warning("group description: %s", exc)
         return {}
@@ -400,6 +396,7 @@ def propagation_run(
     partition = {u: partition_of(settings.pseudonym(u), PARTITIONS) for u in users}
     nba_keys = [settings.key("nba", settings.pseudonym(u)) for u in users]
     client = redis_client(settings)
+    admin = kafka_clients.admin(settings, client_id="bench-scale")
     model_key = settings.key("model")
     publications: list[Publication] = []
     observed_lag_ms: list[int] = []
@@ -432,7 +429,7 @@ def propagation_run(
                     now = time.monotonic()
                     if now >= next_assignment:
                         next_assignment = now + 1.0
-                        owned = group_assignment(settings)
+                        owned = group_assignment(admin, settings)
                         if owned and (not assignments or assignments[-1][1] != owned):
                             assignments.append((time.time(), owned))
                     raw_version = client.hget(model_key, "version")
@@ -464,6 +461,7 @@ def propagation_run(
             finally:
                 codes = stop_all(procs)
                 client.close()
+                admin.close()
             tail = log_path.read_text(errors="replace").strip().splitlines()[-5:]
 
     final = assignments[-1][1] if assignments else {}
@@ -471,7 +469,7 @@ def propagation_run(
     names = {
         member: f"worker {i + 1}" for i, member in enumerate(sorted(final, key=lambda m: final[m]))
     }
-    owners = {names[m]: ps for m, ps in final.items() if ps}
+    owners = {names[m]: final[m] for m in sorted(final, key=lambda m: names[m]) if final[m]}
     if not owners:  # the group's assignment could not be read: every partition its own
         owners = {f"partition {p}": (p,) for p in range(PARTITIONS)}
     counted = [p for p in publications if p.published_ms >= settled_at_ms]
@@ -525,17 +523,18 @@ def main() -> None:
     )
     parser.add_argument("--repeat", type=int, default=1, help="runs of each, median (default 1)")
     parser.add_argument("--batch-size", type=int, default=2000)
+    # No option may start with --loop (or be -L): `import faust` reads that from sys.argv.
     parser.add_argument(
-        "--loop-workers", type=int, default=3, help="workers for the propagation (default 3)"
+        "--propagation-workers", type=int, default=3, help="workers for the propagation (default 3)"
     )
     parser.add_argument(
-        "--loop-seconds",
+        "--propagation-seconds",
         type=float,
         default=90.0,
         help="closed-loop duration for the propagation, s (default 90)",
     )
     parser.add_argument(
-        "--loop-rate", type=float, default=300.0, help="shown decisions/s (default 300)"
+        "--propagation-rate", type=float, default=300.0, help="shown decisions/s (default 300)"
     )
     parser.add_argument("--poll-ms", type=float, default=20.0, help="watcher's poll (default 20)")
     parser.add_argument(
@@ -555,10 +554,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "scale.json")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("kafka").setLevel(logging.ERROR)  # the admin client's slow-task notes
     if args.events < 10_000:
         parser.error("--events must be at least 10000 for a meaningful rate")
-    if args.repeat < 1 or min(args.workers) < 1 or args.loop_workers < 1:
-        parser.error("--repeat, --workers and --loop-workers must be at least 1")
+    if args.repeat < 1 or min(args.workers) < 1 or args.propagation_workers < 1:
+        parser.error("--repeat, --workers and --propagation-workers must be at least 1")
 
     result: dict[str, Any] = {
         "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
@@ -588,14 +588,14 @@ def main() -> None:
             throughput_table(runs, n, args.repeat)
         if not args.skip_propagation:
             console.print(
-                f"propagation: {args.loop_workers} workers, closed loop at "
-                f"{args.loop_rate:.0f}/s for {args.loop_seconds:.0f} s"
+                f"propagation: {args.propagation_workers} workers, closed loop at "
+                f"{args.propagation_rate:.0f}/s for {args.propagation_seconds:.0f} s"
             )
             prop = propagation_run(
                 infra,
-                args.loop_workers,
-                args.loop_seconds,
-                args.loop_rate,
+                args.propagation_workers,
+                args.propagation_seconds,
+                args.propagation_rate,
                 args.poll_ms / 1000,
                 overrides,
             )
@@ -610,11 +610,9 @@ def throughput_table(runs: list[dict[str, Any]], n: int, repeat: int) -> None:
         title=f"{n:,} events on {PARTITIONS} partitions, {os.cpu_count()} CPUs"
         + (f", median of {repeat}" if repeat > 1 else "")
     )
-    for column in ("mode", "workers", "events/s", "vs 1", "middle", "vs 1", "CPU busy"):
+    headers = ("mode", "k", "events/s", "vs k=1", "middle", "vs k=1", "CPU busy")
+    for column in (*headers, "k's cores", "stall s", "load"):
         table.add_column(column, justify="left" if column == "mode" else "right")
-    table.add_column("worker cores", justify="right")
-    table.add_column("longest stall s", justify="right")
-    table.add_column("load before", justify="right")
     for r in runs:
         table.add_row(
             r["mode"],
@@ -630,7 +628,10 @@ def throughput_table(runs: list[dict[str, Any]], n: int, repeat: int) -> None:
         )
     console.print(table)
     console.print(
-        "On 2 cores, a third worker process cannot add throughput: k > 2 is measured anyway."
+        "k: worker processes; middle: 20-80 % of the events; CPU busy: both CPUs; k's cores: "
+        "the workers' CPU time / run time; stall: longest time without progress; load: "
+        "1-min load average before the run. On 2 cores a third worker cannot add throughput: "
+        "k > 2 is measured anyway."
     )
 
 

@@ -25,7 +25,13 @@ def test_scale_is_listed_and_its_help_is_its_own() -> None:
     result = CliRunner().invoke(main, ["bench", "scale", "--help"])
     assert result.exit_code == 0, result.output
     assert result.output.startswith("usage: bench_scale.py")
-    for option in ("--events", "--workers", "--loop-seconds", "--loop-rate", "--poll-ms"):
+    for option in (
+        "--events",
+        "--workers",
+        "--propagation-seconds",
+        "--propagation-rate",
+        "--poll-ms",
+    ):
         assert option in result.output
     assert "2 cores" in result.output  # says what two cores allow
 
