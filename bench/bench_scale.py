@@ -530,8 +530,8 @@ def main() -> None:
     parser.add_argument(
         "--propagation-seconds",
         type=float,
-        default=90.0,
-        help="closed-loop duration for the propagation, s (default 90)",
+        default=120.0,
+        help="closed-loop duration for the propagation, s (default 120)",
     )
     parser.add_argument(
         "--propagation-rate", type=float, default=300.0, help="shown decisions/s (default 300)"
