@@ -18,8 +18,10 @@ output records the CPU count, the load average and how busy the CPUs were in eac
    the group's rebalances while the k workers join, which is what a cold start of k
    workers costs. ``middle`` is the rate between 20 % and 80 % of the events, mostly past
    the joins. ``CPU busy`` is the share of both CPUs busy during the run (``/proc/stat``),
-   ``worker cores`` the CPU time of the worker processes over the run's time,
-   ``longest stall`` the longest time without progress (a rebalance shows there).
+   ``k's cores`` the CPU time of the worker processes over the run's time,
+   ``Kafka+Redis`` the broker's and Redis's, ``stall`` the longest time without progress
+   (a rebalance shows there). The benchmark warns when the CPUs were busy before it
+   started anything (another benchmark running beside it depresses every figure).
 
 2. Snapshot propagation. A fresh topic, 3 workers running the full loop, and the
    product's closed loop (``producers/closed_loop.py``: a simulated serving layer that
@@ -237,6 +239,14 @@ def cpu_times() -> tuple[int, int]:
     return sum(fields) - idle, sum(fields)
 
 
+def busy_share(seconds: float = 2.0) -> float:
+    """The share of all CPUs busy over the next ``seconds``."""
+    busy0, all0 = cpu_times()
+    time.sleep(seconds)
+    busy1, all1 = cpu_times()
+    return (busy1 - busy0) / max(1, all1 - all0)
+
+
 def process_cpu_s(pid: int) -> float:
     """User + system CPU seconds of a live process, from /proc/{pid}/stat."""
     with open(f"/proc/{pid}/stat") as f:
@@ -262,8 +272,11 @@ def stop_all(workers: Sequence[subprocess.Popen[bytes]], timeout_s: float = 60) 
 # ------------------------------------------------------------------------ throughput
 
 
-def throughput_run(base: Settings, total: int, k: int, decisions: bool) -> dict[str, Any]:
-    """k workers on a fresh group over the preloaded topic, until every event is applied."""
+def throughput_run(
+    base: Settings, total: int, k: int, decisions: bool, infra_pids: Sequence[int] = ()
+) -> dict[str, Any]:
+    """k workers on a fresh group over the preloaded topic, until every event is applied
+    (``infra_pids``: the broker's and Redis's, whose CPU time is measured too)."""
     settings = fresh(base).model_copy(update={"decisions": decisions})
     client = redis_client(settings)
     stats_key = settings.key("stats")
@@ -273,6 +286,7 @@ def throughput_run(base: Settings, total: int, k: int, decisions: bool) -> dict[
     workers = [spawn_worker(settings, "warning") for _ in range(k)]
     samples: list[tuple[float, int]] = []
     cpu0 = [0.0] * k
+    infra0 = [0.0] * len(infra_pids)
     try:
         while True:
             accepted = int(client.hget(stats_key, "accepted") or 0)
@@ -282,6 +296,7 @@ def throughput_run(base: Settings, total: int, k: int, decisions: bool) -> dict[
                 if len(samples) == 1:
                     busy0, all0 = cpu_times()
                     cpu0 = [process_cpu_s(w.pid) for w in workers]
+                    infra0 = [process_cpu_s(pid) for pid in infra_pids]
             if accepted >= total:
                 break
             for worker in workers:
@@ -292,6 +307,7 @@ def throughput_run(base: Settings, total: int, k: int, decisions: bool) -> dict[
             time.sleep(POLL_S)
         busy1, all1 = cpu_times()
         cpu1 = [process_cpu_s(w.pid) for w in workers]
+        infra1 = [process_cpu_s(pid) for pid in infra_pids]
     finally:
         codes = stop_all(workers)
         client.close()
@@ -303,18 +319,21 @@ def throughput_run(base: Settings, total: int, k: int, decisions: bool) -> dict[
         "first_batch_after_start_s": samples[0][0] - started,
         "cpu_busy": (busy1 - busy0) / max(1, all1 - all0),
         "worker_cores": (sum(cpu1) - sum(cpu0)) / result["seconds"],
+        "broker_redis_cores": (sum(infra1) - sum(infra0)) / result["seconds"],
         "loadavg_before": load_before,
         "exit_codes": codes,
     }
 
 
-def throughput(base: Settings, total: int, counts: Sequence[int], repeat: int) -> list[dict]:
+def throughput(
+    base: Settings, total: int, counts: Sequence[int], repeat: int, infra_pids: Sequence[int]
+) -> list[dict]:
     runs: list[dict[str, Any]] = []
     for decisions in (False, True):
         for k in counts:
             tries = []
             for i in range(repeat):
-                run = throughput_run(base, total, k, decisions)
+                run = throughput_run(base, total, k, decisions, infra_pids)
                 console.print(
                     f"  {run['mode']}, {k} worker(s), run {i + 1}/{repeat}: "
                     f"{run['events_per_s']:,.0f} events/s (middle "
@@ -560,8 +579,18 @@ def main() -> None:
     if args.repeat < 1 or min(args.workers) < 1 or args.propagation_workers < 1:
         parser.error("--repeat, --workers and --propagation-workers must be at least 1")
 
+    busy_before = busy_share()
+    if busy_before > 0.25:
+        console.print(
+            f"[bold red]warning:[/] the machine is not quiet: {busy_before:.0%} of the CPUs "
+            "were busy before this benchmark started anything; its figures will be depressed"
+        )
     result: dict[str, Any] = {
-        "machine": {"cpus": os.cpu_count(), "loadavg_start": os.getloadavg()},
+        "machine": {
+            "cpus": os.cpu_count(),
+            "loadavg_start": os.getloadavg(),
+            "cpu_busy_before_start": busy_before,
+        },
         "note": "on 2 cores, k > 2 worker processes cannot scale: they share the 2 cores "
         "with each other, the broker, Redis and this benchmark",
     }
@@ -577,7 +606,8 @@ def main() -> None:
             )
             n = preload(base, args.events)
             console.print(f"{n:,} events on {PARTITIONS} partitions; timing workers")
-            runs = throughput(base, n, args.workers, args.repeat)
+            pids = [pid for pid in (infra.kafka.pid(), infra.redis.pid()) if pid is not None]
+            runs = throughput(base, n, args.workers, args.repeat, pids)
             result["throughput"] = {
                 "events": n,
                 "partitions": PARTITIONS,
@@ -611,7 +641,7 @@ def throughput_table(runs: list[dict[str, Any]], n: int, repeat: int) -> None:
         + (f", median of {repeat}" if repeat > 1 else "")
     )
     headers = ("mode", "k", "events/s", "vs k=1", "middle", "vs k=1", "CPU busy")
-    for column in (*headers, "k's cores", "stall s", "load"):
+    for column in (*headers, "k's cores", "Kafka+Redis", "stall s", "load"):
         table.add_column(column, justify="left" if column == "mode" else "right")
     for r in runs:
         table.add_row(
@@ -623,13 +653,15 @@ def throughput_table(runs: list[dict[str, Any]], n: int, repeat: int) -> None:
             f"{r['middle_ratio_to_1']:.2f}",
             f"{r['cpu_busy']:.0%}",
             f"{r['worker_cores']:.2f}",
+            f"{r['broker_redis_cores']:.2f}",
             f"{r['longest_stall_s']:.1f}",
             f"{r['loadavg_before'][0]:.2f}",
         )
     console.print(table)
     console.print(
         "k: worker processes; middle: 20-80 % of the events; CPU busy: both CPUs; k's cores: "
-        "the workers' CPU time / run time; stall: longest time without progress; load: "
+        "the workers' CPU time / run time; Kafka+Redis: the broker's and Redis's, likewise; "
+        "stall: longest time without progress; load: "
         "1-min load average before the run. On 2 cores a third worker cannot add throughput: "
         "k > 2 is measured anyway."
     )
