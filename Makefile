@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults bench-profile bench-serving bench-learner clean
+.PHONY: install system-deps demo test test-unit lint format bench bench-ope bench-fuzz bench-soak bench-faults bench-profile bench-serving bench-learner bench-scale clean
 
 install: system-deps $(STAMP)  ## create .venv/ with the `loopwise` command and dev tools
 
@@ -75,6 +75,9 @@ bench-serving: install  ## GET nba:{user} latency from a separate client under t
 
 bench-learner: install  ## the learner's examples/s vs VW's own C++ driver on the same 20k logged examples (~3 min)
 	$(BIN)/python -m bench.bench_learner
+
+bench-scale: install  ## events/s with 1, 2, 3 workers (user state, full loop); snapshot -> every worker deciding with it (~7 min)
+	$(BIN)/python -m bench.bench_scale
 
 clean:
 	rm -rf $(VENV) state .lint build .pytest_cache .mypy_cache .ruff_cache

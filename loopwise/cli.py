@@ -550,6 +550,7 @@ BENCHMARKS: dict[str, str] = {
     "profile": "the worker under py-spy: CPU µs per event, stage by stage",
     "serving": "GET nba:{user} p50/p99/p999 under the worker's load vs a bare GET of its size",
     "learner": "the learner's examples/s vs VW's own C++ driver on the same logged examples",
+    "scale": "events/s with 1, 2, 3 workers on 6 partitions; snapshot -> every worker's decisions",
 }
 """The modules ``bench/bench_{name}.py`` of the source checkout, with what each measures."""
 
