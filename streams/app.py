@@ -73,6 +73,10 @@ class IdempotentProducer(faust_aiokafka.Producer):
     (seen in ``tests/test_loop_faults_integration.py``, broker kill -9). With it, the broker
     drops the retried copy (producer id + sequence number)."""
 
+    # Faust's service lines (starting, creating its assignor topic) under Faust's name, not
+    # this module's: the terminal shows other libraries' lines from WARNING on.
+    logger = logging.getLogger("faust.producer")
+
     def _settings_extra(self) -> Mapping[str, Any]:
         return {**super()._settings_extra(), "acks": "all", "enable_idempotence": True}
 

@@ -104,8 +104,9 @@ class Learner:
         """Load the last snapshot, if any; True if one was found."""
         return self.load_snapshot(await self.client.hgetall(self.key))
 
-    def load_snapshot(self, raw: Mapping[Any, Any]) -> bool:
-        """Restore the policies and offsets of a snapshot hash (as read from ``{p}model``)."""
+    def load_snapshot(self, raw: Mapping[Any, Any], level: int = logging.INFO) -> bool:
+        """Restore the policies and offsets of a snapshot hash (as read from ``{p}model``);
+        ``level``: of the line saying so (the periodic reloads say it at DEBUG)."""
         if not raw:
             return False
         fields = {k.decode() if isinstance(k, bytes) else k: v for k, v in raw.items()}
@@ -133,7 +134,8 @@ class Learner:
         self.invalid_reasons = Counter({str(k): int(v) for k, v in invalid.items()})
         self.invalid = sum(self.invalid_reasons.values())
         versions = {arm: policy.version for arm, policy in self.policies.items()}
-        log.info(
+        log.log(
+            level,
             "loaded model snapshot %d: policies %s at log offsets %s",
             self.version,
             versions,

@@ -169,14 +169,15 @@ class Learning:
         raw = await self.client.hgetall(self.key)
         if int(raw.get(b"version", 0)) <= self.published.version:
             return False
-        loaded = self.published.load_snapshot(raw)
+        loaded = self.published.load_snapshot(raw, logging.DEBUG)  # every few seconds
         self.on_loaded()
         return loaded
 
     async def _lead(self) -> None:
         """Hold the lease: learn every log partition from the last snapshot's offsets."""
         learner = self.learner = self.new_learner()
-        learner.load_snapshot(await self.client.hgetall(self.key))  # the predecessor's last
+        # the predecessor's last snapshot (the line below says where learning starts)
+        learner.load_snapshot(await self.client.hgetall(self.key), logging.DEBUG)
         log.info(
             "this worker learns now (lease %s, %.0f s), from log offsets %s",
             self.lease.key,

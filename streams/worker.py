@@ -140,13 +140,15 @@ def run_worker(settings: Settings, *, accept_empty_redis: bool = False) -> int:
         log.info("metrics on http://127.0.0.1:%d/metrics", settings.metrics_port)
     stop_on_data_lost = _StopOnDataLost()
     app = build_app(settings, epoch, stop_on_data_lost)
-    topics = [settings.events_topic]
-    if settings.decisions:
-        topics.append(settings.propensity_log_topic)
+    learning = (
+        f"; learns from {settings.propensity_log_topic} while it holds the learner's lease"
+        if settings.decisions
+        else ""
+    )
     worker = _Worker(
         app,
-        ready_message=f"worker ready: group {settings.app_id} consuming {', '.join(topics)} "
-        f"on {settings.bootstrap_servers}",
+        ready_message=f"worker ready: group {settings.app_id} consuming {settings.events_topic} "
+        f"on {settings.bootstrap_servers}{learning}",
         quiet=True,
         override_logging=False,
         redirect_stdouts=False,
