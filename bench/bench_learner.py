@@ -89,6 +89,7 @@ from rich.console import Console
 from rich.table import Table
 from vowpalwabbit import pyvw
 
+from bench.common import write_json
 from loopwise.config import load_settings
 from loopwise.learners.arms import ArmAssigner
 from loopwise.learners.features import vw_adf_lines
@@ -646,9 +647,7 @@ def report(result: dict[str, Any], out: Path) -> None:
     else:
         for problem in result["problems"]:
             console.print(f"[red]DISAGREE[/red] {problem}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    console.print(f"written to {out}")
+    write_json(out, result, console, orjson.OPT_SERIALIZE_NUMPY)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

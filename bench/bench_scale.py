@@ -73,6 +73,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orjson
 from kafka.partitioner.default import murmur2
 from rich.console import Console
@@ -100,13 +101,7 @@ RUN_TIMEOUT_S = 300.0
 def percentile(values: Sequence[float], q: float) -> float:
     """The ``q``-th percentile (0-100) of ``values``, interpolated linearly between the
     closest ranks (numpy's default); NaN when there are none."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100.0
-    low = int(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    return float(np.percentile(values, q)) if len(values) else float("nan")
 
 
 def rates(samples: Sequence[tuple[float, int]], total: int) -> dict[str, float]:

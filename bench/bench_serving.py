@@ -77,9 +77,8 @@ from rich.console import Console
 from rich.table import Table
 
 from bench.bench_soak import Counts, guarded, market_config, organic_load
-from bench.common import bench_settings
+from bench.common import bench_settings, own_infra, write_json
 from loopwise.config import Settings, load_settings
-from loopwise.infra import LocalInfra
 from loopwise.producers.simulator import Marketplace
 from loopwise.redis_clients import redis_client
 from loopwise.streams.decisions import DEFAULT_USER
@@ -334,10 +333,11 @@ def worker_stats(client: redis.Redis, settings: Settings) -> dict[str, int]:
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:
-    with tempfile.TemporaryDirectory(prefix="loopwise-serving-") as tmp_dir:
+    with (
+        own_infra("loopwise-serving-") as infra,
+        tempfile.TemporaryDirectory(prefix="loopwise-serving-client-") as tmp_dir,
+    ):
         tmp = Path(tmp_dir)
-        infra = LocalInfra.for_tests(tmp / "infra")
-        infra.up()
         worker = None
         stop = threading.Event()
         counts = Counts()
@@ -419,7 +419,6 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                 stop_worker(worker)
             if client is not None:
                 client.close()
-            infra.down()
     return {
         "rate": args.rate,
         "seconds": args.seconds,
@@ -548,9 +547,7 @@ def report(result: dict[str, Any], out: Path) -> None:
             "bare GET, load / idle: "
             + ", ".join(f"{k} {load[k] / idle[k]:.2f}" for k in ("p50", "p99", "p999", "max"))
         )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
-    console.print(f"written to {out}")
+    write_json(out, result, console, orjson.OPT_SERIALIZE_NUMPY)
 
 
 def main() -> None:
