@@ -185,10 +185,7 @@ class Learning:
             learner.offsets or "the start",
         )
         consumer = kafka_clients.aio_consumer(
-            self.settings,
-            enable_auto_commit=False,
-            group_id=None,
-            max_poll_records=self.settings.batch_size,
+            self.settings, **kafka_clients.GROUPLESS, max_poll_records=self.settings.batch_size
         )
         await consumer.start()
         try:
@@ -242,7 +239,7 @@ class Learning:
 
 def log_partitions(settings: Settings) -> set[int]:
     """The partitions of the propensity-log topic (blocking: a kafka-python consumer)."""
-    consumer = kafka_clients.consumer(settings, group_id=None, enable_auto_commit=False)
+    consumer = kafka_clients.consumer(settings, **kafka_clients.GROUPLESS)
     try:
         # topics() lists what exists; partitions_for_topic alone could auto-create the topic.
         topic = settings.propensity_log_topic

@@ -52,6 +52,15 @@ REPLACED_KEPT = 1_000_000  # replaced decisions the loop deletes itself when due
 
 
 @dataclass(slots=True)
+class Recent:
+    """A user's recent decisions: their ids, oldest first, the latest last, and when the
+    latest was made (the staleness budget's clock)."""
+
+    ids: list[str]
+    decided_ms: int
+
+
+@dataclass(slots=True)
 class Waiting:
     """A user whose re-decision waits for the staleness budget (``decision_interval_ms``)."""
 
@@ -73,19 +82,17 @@ class LearningLoop:
         self.join = join
         self.catalog = catalog
         self.partitions: set[int] = set()
-        # user -> their recent decisions' ids, oldest first, the latest last: a replaced one
-        # expires soon, and past ``replaced_decisions_kept`` it is deleted at once (bounded:
-        # a user beyond it keeps their old decisions for the full TTL, nothing worse).
-        self._recent: OrderedDict[str, list[str]] = OrderedDict()
+        # user -> their recent decisions: a replaced one expires soon, and past
+        # ``replaced_decisions_kept`` it is deleted at once (bounded: a user beyond it keeps
+        # their old decisions for the full TTL and is decided at once, nothing worse).
+        self._recent: OrderedDict[str, Recent] = OrderedDict()
         # Replaced decisions, oldest first, with the wall-clock ms at which they are deleted:
         # their TTL would remove them too, but Redis reclaims expired keys lazily (by
         # sampling), so at ~1,000 replaced decisions a second many linger past their TTL.
         self._replaced: deque[tuple[int, str]] = deque()
         # When the catalog's item versions were last checked for writing (see _item_versions).
         self._versions_checked: tuple[int, float] = (-1, float("-inf"))
-        # The staleness budget: when each user was last decided (bounded like _recent), and
-        # the users whose re-decision waits, by user.
-        self._decided_ms: OrderedDict[str, int] = OrderedDict()
+        # The staleness budget: the users whose re-decision waits, by user.
         self.waiting: dict[str, Waiting] = {}
 
     # ------------------------------------------------------------ ownership
@@ -145,7 +152,9 @@ class LearningLoop:
         # No consent: no decision, and the old one is erased (with or without a catalog).
         plan.nba_removed.extend(u for u, state in states.items() if state is None)
         for user_id in plan.forgotten:  # and a forgotten user's stored decisions too
-            plan.decisions_removed.extend(self._recent.pop(user_id, ()))
+            recent = self._recent.pop(user_id, None)
+            if recent is not None:
+                plan.decisions_removed.extend(recent.ids)
         for user_id, state in states.items():
             if state is None:  # no consent, or forgotten: nothing waits for them either
                 self.waiting.pop(user_id, None)
@@ -165,10 +174,10 @@ class LearningLoop:
             waiting = self.waiting.pop(user_id, None)
             context = latest_context.get(user_id) or (waiting.context if waiting else {})
             event_id, partition = latest.get(user_id, ("", 0))
-            decided_ms = self._decided_ms.get(user_id)
-            if interval and decided_ms is not None and now_ms - decided_ms < interval:
+            recent = self._recent.get(user_id)
+            if interval and recent is not None and now_ms - recent.decided_ms < interval:
                 self.waiting[user_id] = Waiting(
-                    state, context, event_id, partition, decided_ms + interval
+                    state, context, event_id, partition, recent.decided_ms + interval
                 )
                 plan.counters["decisions_deferred"] += 1
                 continue
@@ -304,19 +313,15 @@ class LearningLoop:
         So stored decisions stay below (1 + replaced_decisions_kept) per user whatever the
         decision rate: without the cap they were the rate times the replaced decisions' TTL
         (a 20-minute soak at 1,000 events/s: Redis grew with the rate, by +13 MB/min)."""
-        recent = self._recent.pop(user_id, None) or []
-        self._recent[user_id] = recent
-        previous = recent[-1] if recent else None
-        recent.append(decision_id)
-        dropped = recent.pop(0) if len(recent) > 1 + self.settings.replaced_decisions_kept else None
+        recent = self._recent.pop(user_id, None) or Recent([], now_ms)
+        self._recent[user_id] = recent  # the most recently decided user last
+        ids = recent.ids
+        previous = ids[-1] if ids else None
+        ids.append(decision_id)
+        recent.decided_ms = now_ms
+        dropped = ids.pop(0) if len(ids) > 1 + self.settings.replaced_decisions_kept else None
         if len(self._recent) > LATEST_DECISIONS_KEPT:
             self._recent.popitem(last=False)
-        if self.settings.decision_interval_ms:
-            decided = self._decided_ms
-            decided.pop(user_id, None)
-            decided[user_id] = now_ms
-            if len(decided) > LATEST_DECISIONS_KEPT:
-                decided.popitem(last=False)
         return previous, dropped
 
     def plan_tick(self, plan: BatchPlan, now_ms: int) -> None:
