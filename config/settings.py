@@ -99,6 +99,11 @@ class Settings(BaseSettings):
         "(rediss:// only)",
     )
     key_prefix: str = Field("loopwise:", description="prefix of every Redis key")
+    redis_cluster: bool = Field(
+        False,
+        description="redis_url is a node of a Redis Cluster: per-partition keys carry the "
+        "hash tag {p<N>} and each events partition commits in a transaction of its own",
+    )
     state_dir: Path = Field(
         Path("state"), description="folder for local infra data, logs and pid files"
     )
@@ -390,6 +395,19 @@ class Settings(BaseSettings):
             raise ValueError("must be a non-empty string without whitespace, e.g. 'loopwise:'")
         return value
 
+    @field_validator("redis_cluster")
+    @classmethod
+    def _cluster_keys_can_be_tagged(cls, value: bool, info: Any) -> bool:
+        prefix = info.data.get("key_prefix") or ""
+        if value and ("{" in prefix or "}" in prefix):
+            raise ValueError(
+                f"with redis_cluster the key prefix {prefix!r} (key_prefix) must not contain "
+                "'{' or '}': Loopwise places the keys' hash tags itself"
+            )
+        if value and (info.data.get("redis_url") or "").startswith("unix://"):
+            raise ValueError("a Redis Cluster is reached over TCP: use a redis:// or rediss:// url")
+        return value
+
     @field_validator("bootstrap_servers")
     @classmethod
     def _servers_have_ports(cls, value: str) -> str:
@@ -476,8 +494,28 @@ class Settings(BaseSettings):
         return self.nba_ttl_s + self.attribution_window_ms // 1000 + 1
 
     def key(self, *parts: str) -> str:
-        """The Redis key ``{prefix}{part0}:{part1}…``."""
+        """The Redis key ``{prefix}{part0}:{part1}…``; on a Redis Cluster the model's keys
+        (``model``, ``model:lease``, written together by one script) carry the hash tag
+        ``{model}``: ``{prefix}{model}:model``."""
+        if self.redis_cluster and parts and parts[0] == "model":
+            return self.key_prefix + "{model}:" + ":".join(parts)
         return self.key_prefix + ":".join(parts)
+
+    def partition_key(self, partition: int, *parts: str) -> str:
+        """The key of a per-partition family (``user``, ``seen``, ``positions``, ``stats``,
+        ``join``, ``outbox``, ``decision``, ``forgotten``) for a user or an event of events
+        partition ``partition``: :meth:`key`, and on a Redis Cluster with the partition's
+        hash tag after the prefix, ``{prefix}{p3}:user:u-42``, so that one partition's
+        batch writes one slot in one transaction."""
+        if self.redis_cluster:
+            return f"{self.key_prefix}{{p{partition}}}:" + ":".join(parts)
+        return self.key_prefix + ":".join(parts)
+
+    def partition_pattern(self, *parts: str) -> str:
+        """A SCAN MATCH pattern of a per-partition family's keys over every partition:
+        ``parts`` may end in ``*``; the prefix is matched literally."""
+        prefix = "".join("\\" + c if c in "\\*?[]" else c for c in self.key_prefix)
+        return prefix + ("{p*}:" if self.redis_cluster else "") + ":".join(parts)
 
     def as_env(self) -> dict[str, str]:
         """These settings as ``LOOPWISE_*`` variables, to hand to a child process."""

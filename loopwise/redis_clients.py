@@ -69,15 +69,35 @@ def redis_connection_options(settings: Settings) -> tuple[str, dict[str, Any]]:
 
 def redis_client(settings: Settings, **options: Any) -> redis.Redis:
     """A synchronous client of the settings' Redis; ``options`` go to redis-py
-    (``decode_responses``, timeouts, ...)."""
+    (``decode_responses``, timeouts, ...). With ``redis_cluster``, a
+    :class:`redis.cluster.RedisCluster` that discovers the other nodes from ``redis_url``
+    (it has the same commands; multi-key ones must stay within one slot, see :func:`mget`)."""
     url, connection = redis_connection_options(settings)
+    if settings.redis_cluster:
+        from redis.cluster import RedisCluster
+
+        return RedisCluster.from_url(url, **connection, **options)  # type: ignore[return-value]
     return redis.Redis.from_url(url, **connection, **options)
 
 
 def async_redis_client(settings: Settings, **options: Any) -> aioredis.Redis:
     """An asyncio client of the settings' Redis, made like :func:`redis_client`."""
     url, connection = redis_connection_options(settings)
+    if settings.redis_cluster:
+        from redis.asyncio.cluster import RedisCluster as AsyncRedisCluster
+
+        return AsyncRedisCluster.from_url(url, **connection, **options)  # type: ignore[return-value]
     return aioredis.Redis.from_url(url, **connection, **options)
+
+
+def mget(client: Any, keys: list[str]) -> list[Any]:
+    """``MGET`` of ``keys``, split by slot on a Redis Cluster (where one MGET must stay in one
+    slot): one value or None per key, in order."""
+    from redis.cluster import RedisCluster
+
+    if isinstance(client, RedisCluster):
+        return list(client.mget_nonatomic(keys))
+    return list(client.mget(keys))
 
 
 def redis_error_message(exc: BaseException, settings: Settings | None) -> str | None:

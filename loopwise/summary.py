@@ -17,10 +17,18 @@ def read_summary(settings: Settings, sample: int = 5, max_scan: int = 1_000_000)
     """Counters of ``{prefix}stats``, user and catalog counts, and ``sample`` user hashes."""
     client = redis_client(settings, decode_responses=True)
     try:
-        stats = {k: int(v) for k, v in client.hgetall(settings.key("stats")).items()}
+        stats: dict[str, int] = {}  # on a Redis Cluster: summed over every partition's
+        stats_keys = (
+            client.scan_iter(match=settings.partition_pattern("stats"), count=1000)
+            if settings.redis_cluster
+            else [settings.key("stats")]
+        )
+        for stats_key in stats_keys:
+            for k, v in client.hgetall(stats_key).items():
+                stats[str(k)] = stats.get(str(k), 0) + int(v)
         users: list[str] = []
         n_users = 0
-        for key in client.scan_iter(match=settings.key("user", "*"), count=1000):
+        for key in client.scan_iter(match=settings.partition_pattern("user", "*"), count=1000):
             n_users += 1
             if len(users) < sample:
                 users.append(key)

@@ -32,7 +32,7 @@ from loopwise.producers.sdk import EventPublisher
 from loopwise.producers.simulator import Marketplace, Payoff
 from loopwise.producers.traffic import RateLimiter
 from loopwise.progress import progress_bar
-from loopwise.redis_clients import redis_client
+from loopwise.redis_clients import mget, redis_client
 
 DEFAULT_USER = "__default__"
 
@@ -97,7 +97,7 @@ def run_closed_loop(
             decided_before_round = report.decisions
             users = [market.sample_user(rng) for _ in range(64)]
             stored = [settings.pseudonym(u) for u in users]  # as a serving layer would
-            raw = client.mget([nba_key.format(u) for u in stored] + [nba_key.format(DEFAULT_USER)])
+            raw = mget(client, [nba_key.format(u) for u in [*stored, DEFAULT_USER]])
             default = raw[-1]
             for user_id, value in zip(users, raw[:-1], strict=True):
                 if report.decisions >= n_decisions:

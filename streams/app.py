@@ -52,6 +52,7 @@ from loopwise.streams.loop import LearningLoop
 from loopwise.streams.pipeline import BatchReport, Message, Pipeline
 from loopwise.streams.redis_store import Epoch, RedisStore
 from loopwise.streams.reward_join import RewardJoin, RewardRule
+from loopwise.streams.routing import Pipelines
 
 log = logging.getLogger("loopwise.worker")
 
@@ -141,10 +142,8 @@ def build_app(
         ]
         await asyncio.gather(*pending)
 
-    loop: LearningLoop | None = None
     published: Learner | None = None
     catalog = Catalog()
-    checkpoint = Checkpoint(store, send_deadletters)
     if settings.decisions:
         policies = build_policies(settings)
         maker = DecisionMaker(
@@ -167,21 +166,30 @@ def build_app(
         async def log_since(partition: int, since_ms: int) -> set[str]:
             return await decision_ids_since(settings, partition, since_ms)
 
-        checkpoint = Checkpoint(store, send_deadletters, send_log, log_tail, log_since)
-        loop = LearningLoop(
-            settings, maker, RewardJoin(settings.attribution_window_ms, rule), catalog
-        )
         # The model decisions use: the published snapshot (its policies are the maker's),
         # loaded before any agent starts, then whenever a newer one is published.
         published = Learner(settings, store.client, policies, maker.popularity)
         with redis_client(settings) as sync:
             published.load_snapshot(sync.hgetall(published.key))
         maker.popularity = published.popularity
-    pipeline = Pipeline(settings, store, checkpoint, catalog, loop)
+
+    def make_pipeline(partition: int | None) -> Pipeline:
+        """The pipeline of every owned partition (None), or of one on a Redis Cluster."""
+        own = store if partition is None else store.for_partition(partition)
+        if not settings.decisions:
+            return Pipeline(settings, own, Checkpoint(own, send_deadletters), catalog)
+        checkpoint = Checkpoint(own, send_deadletters, send_log, log_tail, log_since)
+        join = RewardJoin(settings.attribution_window_ms, rule)
+        loop = LearningLoop(settings, maker, join, catalog)
+        return Pipeline(settings, own, checkpoint, catalog, loop)
+
+    pipelines = Pipelines(make_pipeline, per_partition=settings.redis_cluster)
 
     async def recover(gap: PartitionGap) -> None:
         """Read the offsets of a gap again and apply them (before the batch that found it)."""
         log.warning("%s: reading them again", gap)
+        pipeline = pipelines.get(gap.partition)
+        loop, checkpoint = pipeline.loop, pipeline.checkpoint
         if loop is not None:  # the log may hold decisions Redis lost the close of
             logged = await retry(
                 lambda: checkpoint.rewound(loop.partitions | {gap.partition}),
@@ -210,6 +218,12 @@ def build_app(
         )
 
     async def process(messages: list[Message]) -> BatchReport:
+        report = BatchReport()
+        for pipeline, part in pipelines.split(messages):
+            report.add(await process_part(pipeline, part))
+        return report
+
+    async def process_part(pipeline: Pipeline, messages: list[Message]) -> BatchReport:
         while True:
             try:
                 return await pipeline.process_isolating(messages, retry)
@@ -218,6 +232,9 @@ def build_app(
                 # was applied of it lies below the position now, and is skipped).
                 again = functools.partial(recover, found)
                 await retry(again, "reading a gap again", transient_only=False)
+
+    async def publish() -> int:
+        return sum([await pipeline.publish() for pipeline in pipelines.all()])
 
     last_batch = [float("-inf")]  # when the last batch ended (perf_counter)
 
@@ -243,7 +260,7 @@ def build_app(
                 except RedisDataLost as exc:
                     on_data_lost(exc)
                     return  # the worker stops; this batch is never acked
-                await retry(pipeline.publish, "publishing the outbox", transient_only=False)
+                await retry(publish, "publishing the outbox", transient_only=False)
             last_batch[0] = time.perf_counter()
             BATCH_SECONDS.observe(last_batch[0] - started)
             for outcome in ("accepted", "duplicates", "deadlettered"):
@@ -265,8 +282,8 @@ def build_app(
         owned = sorted(tp.partition for tp in assigned if tp.topic == settings.events_topic)
         log.info("events partitions assigned to this worker: %s", owned)
 
-    if loop is not None and published is not None:
-        the_loop, the_maker, the_published = loop, maker, published
+    if published is not None:
+        the_maker, the_published = maker, published
 
         def share_popularity() -> None:  # a loaded snapshot brings the pre-filter's counts
             the_maker.popularity = the_published.popularity
@@ -296,8 +313,9 @@ def build_app(
                 return
             async with lock:  # never retried inside the lock: the next tick tries again
                 try:
-                    await pipeline.tick()
-                    await pipeline.publish()
+                    for pipeline in pipelines.all():
+                        await pipeline.tick()
+                        await pipeline.publish()
                 except RedisDataLost as exc:
                     on_data_lost(exc)
                 except Exception as exc:
@@ -308,9 +326,7 @@ def build_app(
         async def on_revoked(app: faust.App, revoked: Any, **_: Any) -> None:
             gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
             async with lock:
-                the_loop.disown(gone)
-                checkpoint.disown(gone)
-                pipeline.disown(gone)
+                pipelines.disown(gone)
 
     else:
 
@@ -318,7 +334,7 @@ def build_app(
         async def on_revoked_state_only(app: faust.App, revoked: Any, **_: Any) -> None:
             gone = {tp.partition for tp in revoked if tp.topic == settings.events_topic}
             async with lock:
-                pipeline.disown(gone)
+                pipelines.disown(gone)
 
     return app
 

@@ -195,6 +195,11 @@ def rebuild(
 ) -> RebuildReport:
     """Recompute the user state, catalog, counters and dedup memory into Redis from the
     events topic, up to the group's committed offsets; then write a new epoch."""
+    if settings.redis_cluster:
+        raise RebuildError(
+            "`loopwise rebuild` does not support a Redis Cluster yet (redis_cluster=true): "
+            "recover a cluster from its replicas or its persistence files"
+        )
     return asyncio.run(_rebuild(settings, force, progress, console))
 
 

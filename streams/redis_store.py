@@ -19,6 +19,14 @@ Key layout (docs/contracts.md; ``{p}`` is ``key_prefix``):
 - ``{p}epoch``               JSON :class:`Epoch`: which life of this state Redis holds
 - ``{p}forgotten``           hash sha256(user_id)[:32] -> event time of the user's ``forget``
 
+On a Redis Cluster (``redis_cluster``) the keys of the families ``user``, ``seen``,
+``positions``, ``stats``, ``join``, ``outbox``, ``decision`` and ``forgotten`` carry the
+hash tag of the events partition they belong to (``{p}{p3}:user:u-42``), and the worker
+runs one store per partition (:meth:`RedisStore.for_partition`): a batch then holds one
+partition's events and its transaction writes one slot; ``model`` and ``model:lease``
+share the tag ``{model}``; the other keys (``catalog``, ``nba:*``, ``itemv:*``,
+``epoch``) hash as they are.
+
 A batch reads once (:meth:`RedisStore.read`, one round trip) and writes once
 (:meth:`RedisStore.commit`, one MULTI/EXEC): user hashes, catalog entries,
 idempotency keys, counters, the join, decisions, next-best-actions and the
@@ -122,11 +130,19 @@ class RedisStore:
     """Async access to the keys the worker owns; with ``epoch``, every read checks it."""
 
     def __init__(
-        self, client: aioredis.Redis, settings: Settings, epoch: Epoch | None = None
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        epoch: Epoch | None = None,
+        partition: int | None = None,
     ) -> None:
         self.client = client
         self.settings = settings
         self.epoch = epoch
+        # On a Redis Cluster a batch is one events partition's, and its keys carry the
+        # partition's hash tag (``Settings.partition_key``): the store of that partition.
+        self.partition = partition
+        self.cluster = settings.redis_cluster
 
     @classmethod
     def connect(cls, settings: Settings, epoch: Epoch | None = None) -> RedisStore:
@@ -135,6 +151,10 @@ class RedisStore:
 
         return cls(async_redis_client(settings, decode_responses=False), settings, epoch)
 
+    def for_partition(self, partition: int) -> RedisStore:
+        """This store (same client and epoch) for the keys of one events partition."""
+        return RedisStore(self.client, self.settings, self.epoch, partition)
+
     @property
     def epoch_key(self) -> str:
         return self.settings.key("epoch")
@@ -142,8 +162,16 @@ class RedisStore:
     def key(self, *parts: str) -> str:
         return self.settings.key(*parts)
 
+    def pkey(self, *parts: str) -> str:
+        """A per-partition family's key: tagged with this store's partition on a cluster."""
+        if self.cluster:
+            if self.partition is None:
+                raise RuntimeError(f"a Redis Cluster store of no partition wrote {parts}")
+            return self.settings.partition_key(self.partition, *parts)
+        return self.settings.key(*parts)
+
     def user_key(self, user_id: str) -> str:
-        return self.settings.key("user", user_id)
+        return self.pkey("user", user_id)
 
     def position_field(self, partition: int) -> str:
         return f"{self.settings.events_topic}:{partition}"
@@ -154,13 +182,13 @@ class RedisStore:
         if not wanted:
             return {}
         found = await self.client.hmget(
-            self.key("positions"), [self.position_field(p) for p in wanted]
+            self.pkey("positions"), [self.position_field(p) for p in wanted]
         )
         return {p: int(v) for p, v in zip(wanted, found, strict=True) if v is not None}
 
     def _seen_keys(self, now_s: float) -> tuple[str, str]:
         bucket = int(now_s // self.settings.dedupe_window_s)
-        return self.key("seen", str(bucket)), self.key("seen", str(bucket - 1))
+        return self.pkey("seen", str(bucket)), self.pkey("seen", str(bucket - 1))
 
     # ------------------------------------------------------------------ reads
 
@@ -191,15 +219,20 @@ class RedisStore:
                 pipe.smismember(current, digests)
                 pipe.smismember(previous, digests)
             if reads.positions:
-                pipe.hmget(self.key("positions"), [self.position_field(p) for p in reads.positions])
+                pipe.hmget(
+                    self.pkey("positions"), [self.position_field(p) for p in reads.positions]
+                )
             for user_id in reads.users:
                 pipe.hgetall(self.user_key(user_id))
             if reads.users:
-                pipe.hmget(self.key("forgotten"), [forgotten_field(u) for u in reads.users])
-            if reads.decisions:
-                pipe.mget([self.key("decision", i) for i in reads.decisions])
+                pipe.hmget(self.pkey("forgotten"), [forgotten_field(u) for u in reads.users])
+            if reads.decisions and self.cluster:  # a cluster's pipeline refuses MGET
+                for decision_id in reads.decisions:
+                    pipe.get(self.pkey("decision", decision_id))
+            elif reads.decisions:
+                pipe.mget([self.pkey("decision", i) for i in reads.decisions])
             for partition in reads.join_partitions:
-                pipe.hgetall(self.key("join", str(partition)))
+                pipe.hgetall(self.pkey("join", str(partition)))
             if reads.items:
                 pipe.hmget(catalog_key, reads.items)
             if reads.whole_catalog:
@@ -225,7 +258,8 @@ class RedisStore:
                 u: int(t) for u, t in zip(reads.users, next(replies), strict=True) if t is not None
             }
         if reads.decisions:
-            stored = next(replies)
+            many = self.cluster  # one GET per decision, else one MGET
+            stored = [next(replies) for _ in reads.decisions] if many else next(replies)
             inputs.decisions = {
                 i: orjson.loads(v) for i, v in zip(reads.decisions, stored, strict=True) if v
             }
@@ -243,7 +277,11 @@ class RedisStore:
         wanted = sorted(set(refs))
         if not wanted:
             return {}
-        found = await self.client.mget([self.key("itemv", i, v) for i, v in wanted])
+        keys = [self.key("itemv", i, v) for i, v in wanted]
+        if self.cluster:  # one slot per key
+            found = await self.client.mget_nonatomic(keys)  # type: ignore[attr-defined]
+        else:
+            found = await self.client.mget(keys)
         return {
             ref: raw if isinstance(raw, bytes) else raw.encode()
             for ref, raw in zip(wanted, found, strict=True)
@@ -278,79 +316,131 @@ class RedisStore:
             return {}
         async with self.client.pipeline(transaction=False) as pipe:
             for partition in owned:
-                pipe.lrange(self.key("outbox", str(partition)), 0, -1)
+                pipe.lrange(self.pkey("outbox", str(partition)), 0, -1)
             pending = await pipe.execute()
         return dict(zip(owned, pending, strict=True))
 
     async def trim_outbox(self, partition: int, sent: int) -> None:
         """Drop the first ``sent`` records of a partition's outbox (the broker has them)."""
-        await self.client.ltrim(self.key("outbox", str(partition)), sent, -1)
+        await self.client.ltrim(self.pkey("outbox", str(partition)), sent, -1)
 
     async def stats(self) -> dict[str, int]:
-        raw = await self.client.hgetall(self.key("stats"))
-        return {text(k): int(v) for k, v in raw.items()}
+        """The counters (on a cluster: summed over every partition's ``stats``)."""
+        totals: dict[str, int] = {}
+        for key in await self._family_keys("stats"):
+            for k, v in (await self.client.hgetall(key)).items():
+                totals[text(k)] = totals.get(text(k), 0) + int(v)
+        return totals
+
+    async def _family_keys(self, family: str) -> list[str]:
+        """A per-partition family's single key (``stats``, ``forgotten``): the one key, or
+        on a cluster every partition's (found with SCAN on every master)."""
+        if not self.cluster:
+            return [self.key(family)]
+        pattern = self.settings.partition_pattern(family)
+        return sorted({text(k) async for k in self.client.scan_iter(match=pattern, count=1000)})
 
     # ----------------------------------------------------------------- writes
 
     async def commit(self, plan: BatchPlan, now_s: float | None = None) -> None:
-        """Write a plan's Redis part in one MULTI/EXEC, in this order: user hashes, catalog,
-        idempotency marks, counters, the join, the outbox, decisions, next-best-actions."""
-        settings = self.settings
+        """Write a plan's Redis part in one MULTI/EXEC: user hashes, catalog, idempotency
+        marks, positions, counters, the join, the outbox, decisions, item versions and
+        next-best-actions land together or not at all.
+
+        On a Redis Cluster (one events partition's plan, its keys in its slot) in three
+        steps: the shared, idempotent writes (catalog entries, item versions); the
+        partition's transaction (user hashes, tombstones, idempotency marks, position,
+        counters, join, outbox, decisions); then the next-best-actions, which hash by user.
+        A crash between two steps is repaired by the redelivery (the first step is written
+        again, unchanged) or leaves a user's previous next-best-action until their next
+        event (the last step)."""
         current, _ = self._seen_keys(time.time() if now_s is None else now_s)
-        nba_ttl = settings.nba_ttl_s
-        decision_ttl = settings.decision_ttl_s
+        if not self.cluster:
+            async with self.client.pipeline(transaction=True) as pipe:
+                self._shared_writes(pipe, plan)
+                self._partition_writes(pipe, plan, current)
+                self._serving_writes(pipe, plan)
+                await pipe.execute()
+            return
+        async with self.client.pipeline(transaction=False) as pipe:
+            self._shared_writes(pipe, plan)
+            if len(pipe):
+                await pipe.execute()
         async with self.client.pipeline(transaction=True) as pipe:
-            for user_id, state in plan.users.items():
-                key = self.user_key(user_id)
-                if state is None or user_id in plan.replaced:
+            self._partition_writes(pipe, plan, current)
+            if len(pipe):
+                await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            self._serving_writes(pipe, plan)
+            if len(pipe):
+                await pipe.execute()
+
+    def _shared_writes(self, pipe: Any, plan: BatchPlan) -> None:
+        """Keys every partition shares, written with values that do not depend on the
+        order of the writes: catalog entries and item versions."""
+        if plan.catalog:
+            pipe.hset(self.key("catalog"), mapping=plan.catalog)
+        for action in plan.item_versions:
+            pipe.set(
+                self.key("itemv", action.id, action.version),
+                orjson.dumps(action.features),
+                ex=2 * self.settings.decision_ttl_s,
+            )
+
+    def _partition_writes(self, pipe: Any, plan: BatchPlan, seen_key: str) -> None:
+        """The keys of the plan's events partition(s)."""
+        settings = self.settings
+        for user_id, state in plan.users.items():
+            key = self.user_key(user_id)
+            if state is None or user_id in plan.replaced:
+                pipe.delete(key)
+            if state is None:
+                continue
+            # A live state never drops a field, so HSET alone replaces the hash.
+            pipe.hset(key, mapping=state.to_hash())
+        if plan.forgotten:
+            tombstones = {forgotten_field(u): t for u, t in plan.forgotten.items()}
+            pipe.hset(self.pkey("forgotten"), mapping=tombstones)
+        if plan.applied_ids:
+            pipe.sadd(seen_key, *(event_digest(e) for e in plan.applied_ids))
+            pipe.expire(seen_key, 2 * settings.dedupe_window_s + 60)
+        if plan.positions:
+            positions = {self.position_field(p): o for p, o in plan.positions.items()}
+            pipe.hset(self.pkey("positions"), mapping=positions)
+        stats = self.pkey("stats")
+        for name, value in plan.counters.items():
+            if value:
+                pipe.hincrby(stats, name, value)
+        for partition, entries in plan.join_set.items():
+            pipe.hset(self.pkey("join", str(partition)), mapping=entries)
+        for partition, ids in plan.join_removed.items():
+            pipe.hdel(self.pkey("join", str(partition)), *ids)
+        for decision_id in plan.join_dropped:
+            for partition in plan.owned_partitions:
+                pipe.hdel(self.pkey("join", str(partition)), decision_id)
+        for partition, records in plan.outbox.items():
+            pipe.rpush(self.pkey("outbox", str(partition)), *records)
+        if plan.decisions_removed:
+            pipe.delete(*(self.pkey("decision", i) for i in plan.decisions_removed))
+        for decision_id in plan.decisions_superseded:
+            pipe.expire(self.pkey("decision", decision_id), settings.superseded_decision_ttl_s)
+        for decision_id, decision in plan.decisions_set.items():
+            pipe.set(self.pkey("decision", decision_id), decision, ex=settings.decision_ttl_s)
+
+    def _serving_writes(self, pipe: Any, plan: BatchPlan) -> None:
+        """``nba:{user_id}`` (hashed by user on a cluster) and ``nba:__default__``."""
+        nba_ttl = self.settings.nba_ttl_s
+        for user_id, nba in plan.nba_set.items():
+            pipe.set(self.key("nba", user_id), nba, ex=nba_ttl)
+        if plan.nba_removed:
+            removed = [self.key("nba", u) for u in plan.nba_removed]
+            if self.cluster:  # one slot per key
+                for key in removed:
                     pipe.delete(key)
-                if state is None:
-                    continue
-                # A live state never drops a field, so HSET alone replaces the hash.
-                pipe.hset(key, mapping=state.to_hash())  # type: ignore[arg-type]
-            if plan.catalog:
-                pipe.hset(self.key("catalog"), mapping=plan.catalog)  # type: ignore[arg-type]
-            if plan.forgotten:
-                tombstones = {forgotten_field(u): t for u, t in plan.forgotten.items()}
-                pipe.hset(self.key("forgotten"), mapping=tombstones)  # type: ignore[arg-type]
-            if plan.applied_ids:
-                pipe.sadd(current, *(event_digest(e) for e in plan.applied_ids))
-                pipe.expire(current, 2 * settings.dedupe_window_s + 60)
-            if plan.positions:
-                positions = {self.position_field(p): o for p, o in plan.positions.items()}
-                pipe.hset(self.key("positions"), mapping=positions)  # type: ignore[arg-type]
-            stats = self.key("stats")
-            for name, value in plan.counters.items():
-                if value:
-                    pipe.hincrby(stats, name, value)
-            for partition, entries in plan.join_set.items():
-                pipe.hset(self.key("join", str(partition)), mapping=entries)  # type: ignore[arg-type]
-            for partition, ids in plan.join_removed.items():
-                pipe.hdel(self.key("join", str(partition)), *ids)
-            for decision_id in plan.join_dropped:
-                for partition in plan.owned_partitions:
-                    pipe.hdel(self.key("join", str(partition)), decision_id)
-            for partition, records in plan.outbox.items():
-                pipe.rpush(self.key("outbox", str(partition)), *records)
-            if plan.decisions_removed:
-                pipe.delete(*(self.key("decision", i) for i in plan.decisions_removed))
-            for decision_id in plan.decisions_superseded:
-                pipe.expire(self.key("decision", decision_id), settings.superseded_decision_ttl_s)
-            for action in plan.item_versions:
-                pipe.set(
-                    self.key("itemv", action.id, action.version),
-                    orjson.dumps(action.features),
-                    ex=2 * decision_ttl,
-                )
-            for decision_id, decision in plan.decisions_set.items():
-                pipe.set(self.key("decision", decision_id), decision, ex=decision_ttl)
-            for user_id, nba in plan.nba_set.items():
-                pipe.set(self.key("nba", user_id), nba, ex=nba_ttl)
-            if plan.nba_removed:
-                pipe.delete(*(self.key("nba", u) for u in plan.nba_removed))
-            if plan.default_nba is not None:
-                pipe.set(self.key("nba", DEFAULT_USER), plan.default_nba)
-            await pipe.execute()
+            else:
+                pipe.delete(*removed)
+        if plan.default_nba is not None:
+            pipe.set(self.key("nba", DEFAULT_USER), plan.default_nba)
 
     async def begin_epoch(self, origin: str) -> Epoch:
         """Write a new epoch over any other, and check reads against it from now on."""
@@ -388,19 +478,26 @@ class RedisStore:
 
     async def forgotten_at(self, user_id: str) -> int | None:
         """The event time of the user's applied ``forget`` (None: not forgotten)."""
-        raw = await self.client.hget(self.key("forgotten"), forgotten_field(user_id))
-        return None if raw is None else int(raw)
+        for key in await self._family_keys("forgotten"):
+            raw = await self.client.hget(key, forgotten_field(user_id))
+            if raw is not None:
+                return int(raw)
+        return None
 
     async def erase_decisions(self, user_id: str) -> int:
         """Delete the user's stored decisions still in Redis (replaced ones expire within
         ``superseded_decision_ttl_s``; this does not wait): one SCAN over ``decision:*``."""
-        pattern = _glob_escape(self.key("decision", "")) + "*"
+        pattern = self.settings.partition_pattern("decision", "*")
         deleted = 0
         async for keys in _chunks(self.client.scan_iter(match=pattern, count=1000), 500):
-            values = await self.client.mget(keys)
+            if self.cluster:  # keys of many slots: one command per key
+                values = await self.client.mget_nonatomic(keys)  # type: ignore[attr-defined]
+            else:
+                values = await self.client.mget(keys)
             mine = [k for k, v in zip(keys, values, strict=True) if v and _user_of(v) == user_id]
-            if mine:
-                deleted += int(await self.client.delete(*mine))
+            groups = [[k] for k in mine] if self.cluster else [mine] if mine else []
+            for group in groups:  # on a cluster one DEL per key: its keys are in many slots
+                deleted += int(await self.client.delete(*group))
         return deleted
 
     async def close(self) -> None:

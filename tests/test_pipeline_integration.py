@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 import subprocess
 import time
+from collections.abc import Callable
 from decimal import Decimal
 from typing import Any
 
@@ -238,12 +239,17 @@ def test_pipeline_reflects_every_good_event_and_deadletters_every_bad_one(
 
 
 def assert_users_match(
-    r: redis.Redis, s: Settings, expected: dict[str, Any], min_users: int = int(N_USERS * 0.9)
+    r: redis.Redis,
+    s: Settings,
+    expected: dict[str, Any],
+    min_users: int = int(N_USERS * 0.9),
+    user_key: Callable[[str], str] | None = None,
 ) -> None:
     assert len(expected) >= min_users
+    key_of = user_key or (lambda uid: s.key("user", uid))
     mismatches = []
     for uid, want in expected.items():
-        got = {k.decode(): v.decode() for k, v in r.hgetall(s.key("user", uid)).items()}
+        got = {k.decode(): v.decode() for k, v in r.hgetall(key_of(uid)).items()}
         if want is None:
             if got:
                 mismatches.append((uid, "state kept after consent withdrawn", got))

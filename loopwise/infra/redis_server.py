@@ -85,6 +85,7 @@ class RedisServer:
         password: str | None = None,
         tls: bool = False,
         tls_auth_clients: bool = False,
+        cluster: bool = False,
     ) -> None:
         if username is not None and not password:
             raise InfraError(
@@ -100,6 +101,7 @@ class RedisServer:
         self._password = password  # never in a repr, a log line or an error
         self.tls = tls
         self.tls_auth_clients = tls_auth_clients
+        self.cluster = cluster  # a node of a Redis Cluster (loopwise.infra.redis_cluster)
 
     def __repr__(self) -> str:
         return f"RedisServer(url={self.url!r}, state_dir={str(self.state_dir)!r})"
@@ -292,6 +294,12 @@ class RedisServer:
                 "appendfsync everysec\n"
                 "aof-load-truncated yes\n"
             )
+            if self.cluster:
+                conf.write(
+                    "cluster-enabled yes\n"
+                    f'cluster-config-file "{self.state_dir / "nodes.conf"}"\n'
+                    "cluster-node-timeout 5000\n"
+                )
 
     def _ensure_tls_files(self) -> None:
         """Generate what is missing of ``ca.crt``/``.key``, ``server.crt``/``.key`` (and with
