@@ -20,6 +20,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from click.testing import CliRunner
 from kafka import KafkaProducer
 from kafka.partitioner.default import murmur2
 from redis.cluster import RedisCluster
@@ -34,6 +35,7 @@ from test_pipeline_integration import (
 )
 from worker_helpers import log_end_offsets, wait_until
 
+from loopwise.cli import main
 from loopwise.config import Settings
 from loopwise.export import export_log, read_log
 from loopwise.infra.redis_cluster import LocalRedisCluster, cluster_ports
@@ -208,6 +210,20 @@ def test_closed_loop_on_a_redis_cluster_logs_and_learns_each_decision_once(
             )
 
         wait_until(settled, 180, "every decision closed, logged and learned", worker)
+
+        # `loopwise forget` finds the user's tombstone and decisions under their partition.
+        gone = sorted(orjson.loads(line)["user_id"] for line in out.read_bytes().splitlines())[0]
+        user_key = s.partition_key(partition_of(gone, PARTITIONS), "user", gone)
+        assert r.exists(user_key)
+        result = CliRunner().invoke(main, ["forget", gone, "--wait", "60"], env=s.as_env())
+        assert result.exit_code == 0 and "tombstone kept" in result.output, result.output
+        assert not r.exists(user_key) and not r.exists(s.key("nba", gone))
+        decisions = [
+            orjson.loads(v)
+            for k in r.scan_iter(match=s.partition_pattern("decision", "*"), count=1000)
+            if (v := r.get(k)) is not None
+        ]
+        assert decisions and not [d for d in decisions if d["user_id"] == gone]
         assert stop_worker(worker) == 0
         counts = stats(r, s)
         log_file = tmp_path / "log.jsonl"
