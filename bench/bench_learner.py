@@ -418,6 +418,35 @@ def run_learner(
     return run
 
 
+def run_sampled(records: Path, vw_args: str, rate: float) -> dict[str, Any]:
+    """``Learner.learn`` over the same records at ``learn_sample_rate`` ``rate``: the log
+    records consumed a second (what sizes a learner against the log) and those learned."""
+    settings = load_settings(
+        vw_args=vw_args, arms=DEFAULT_ARMS, holdout_arm=HOLDOUT_ARM, learn_sample_rate=rate
+    )
+    policies = build_policies(settings)
+    learner = Learner(settings, cast(Any, None), policies)
+    clock = Clock()
+    offset = 0
+    for chunk in read_chunks(records):
+        batch = [(0, offset + i, raw) for i, raw in enumerate(chunk)]
+        offset += len(chunk)
+        with clock:
+            learner.learn(batch)
+    vw = policies["vw"]
+    assert isinstance(vw, VWPolicy)
+    if vw.version != learner.learned or learner.learned + learner.not_sampled != offset:
+        raise AssertionError("the sampled learner lost count of its records")
+    vw.close()
+    return {
+        "learn_sample_rate": rate,
+        "records": offset,
+        "learned": learner.learned,
+        "records_per_s": offset / clock.wall_s,
+        "cpu_us_per_record": 1e6 * clock.cpu_s / offset,
+    }
+
+
 def run_native(vw_file: Path, policy_args: str, queries: Sequence[tuple[LogRecord, str]]) -> Run:
     with vw_file.open("rb") as warm:  # into the page cache, as the other paths' chunks are
         while warm.read(1 << 24):
@@ -533,6 +562,7 @@ def measure(
     tolerance: float = 1e-9,
     learner: bool = True,
     python_vw: bool = True,
+    sample_rate: float | None = None,
     workdir: Path | None = None,
     say: Callable[[str], None] = lambda _: None,
 ) -> dict[str, Any]:
@@ -563,6 +593,10 @@ def measure(
         for name, step in steps:
             say(f"timing {name}")
             runs.append(step())
+        sampled = None
+        if sample_rate is not None:
+            say(f"timing the learner at learn_sample_rate {sample_rate:g}")
+            sampled = run_sampled(records, vw_args, sample_rate)
     problems = disagreements(runs, n, tolerance)
     by_name = {r.name: r for r in runs}
     native = by_name["native"].rate
@@ -599,6 +633,11 @@ def measure(
         "problems": problems,
         "tolerance": tolerance,
     }
+    if sampled is not None:
+        full = by_name.get("learner")
+        if full is not None:
+            sampled["ratio_to_learner"] = sampled["records_per_s"] / full.rate
+        result["sampled"] = sampled
     return result
 
 
@@ -639,6 +678,16 @@ def report(result: dict[str, Any], out: Path) -> None:
         f"{result['ours_over_native_by_cpu']:.2f} by CPU time; VW args: {result['vw_args']}; "
         f"generating the examples took {data['generate_s']:.0f} s (not timed)"
     )
+    sampled = result.get("sampled")
+    if sampled is not None:
+        vs = sampled.get("ratio_to_learner")
+        console.print(
+            f"learner at learn_sample_rate {sampled['learn_sample_rate']:g}: "
+            f"{sampled['records_per_s']:,.0f} log records/s consumed "
+            f"({sampled['learned']:,} of {sampled['records']:,} learned; "
+            f"{sampled['cpu_us_per_record']:,.0f} CPU µs a record"
+            + (f"; {vs:.2f}x the learner learning every record)" if vs else ")")
+        )
     if result["agree"]:
         console.print(
             f"models agree: {result['holdout']} held-out pmfs within {result['tolerance']:g}, "
@@ -687,6 +736,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--no-pyvw", action="store_true", help="skip the two pyvw rows (text loop, learn only)"
     )
     parser.add_argument(
+        "--sample-rate",
+        type=float,
+        default=None,
+        help="also time Learner.learn at this learn_sample_rate, in (0, 1]: log records "
+        "consumed a second when the policies learn that share of them",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RESULTS / "learner.json", help="results JSON (%(default)s)"
     )
     args = parser.parse_args(argv)
@@ -694,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         parser.error("--examples, --holdout and --users must be >= 1, --items >= 2")
     if not args.tolerance >= 0:
         parser.error("--tolerance must be >= 0")
+    if args.sample_rate is not None and not 0 < args.sample_rate <= 1:
+        parser.error(f"--sample-rate must be in (0, 1], not {args.sample_rate:g}")
     logging.basicConfig(level=logging.WARNING)
     vw_args = args.vw_args or load_settings().vw_args or DEFAULT_ARGS
     result = measure(
@@ -706,6 +764,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         tolerance=args.tolerance,
         learner=not args.no_learner,
         python_vw=not args.no_pyvw,
+        sample_rate=args.sample_rate,
         say=lambda text: console.print(text),
     )
     report(result, args.out)

@@ -351,6 +351,14 @@ class Settings(BaseSettings):
         description="how often a worker that does not learn looks for a newer model "
         "snapshot to decide with",
     )
+    learn_sample_rate: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of propensity-log records the policies learn, chosen by a hash of "
+        "decision_id (the same records whichever worker learns); for a log faster than one "
+        "learner (~2,000 records/s); the log keeps every record for replay",
+    )
     decisions: bool = Field(True, description="run the learning loop (false: user state only)")
 
     # Local infrastructure.

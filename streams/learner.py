@@ -10,6 +10,12 @@ are acked to Kafka only once a snapshot containing them is saved. After a
 restart the policies are restored from the snapshot and records below its
 offsets are skipped: nothing is learned twice, nothing is skipped.
 
+With ``learn_sample_rate`` below 1 the policies learn a sample of the log: the records whose
+decision id hashes below the rate (:func:`sampled`), so a standby that takes over from a
+snapshot's offsets learns exactly the records its predecessor would have. The sample ignores
+the reward, so what the policies learn stays unbiased (each record keeps its propensity); the
+pre-filter's popularity and the reward monitors still count every record.
+
 The learner also watches each arm's reward rate with an ADWIN drift monitor
 (:class:`loopwise.learners.river_models.RewardMonitor`): a change is logged at INFO
 and every snapshot writes ``reward_monitor`` (JSON, per arm: records seen since
@@ -19,6 +25,7 @@ drifts detected) beside the models, for ``loopwise stats``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
 from collections import Counter
@@ -45,6 +52,18 @@ log = logging.getLogger("loopwise.learner")
 LOG_INVALID = PromCounter(
     "loopwise_log_invalid_total", "propensity-log records skipped as invalid", ["reason"]
 )
+LOG_NOT_SAMPLED = PromCounter(
+    "loopwise_log_not_sampled_total", "propensity-log records outside learn_sample_rate"
+)
+
+
+def sampled(decision_id: str, rate: float) -> bool:
+    """Whether the policies learn the record of ``decision_id`` at ``learn_sample_rate``
+    ``rate``: the first 8 bytes of its BLAKE2b digest, as a fraction of 2^64, below it."""
+    if rate >= 1.0:
+        return True
+    digest = hashlib.blake2b(decision_id.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") < rate * 2.0**64
 
 
 def build_policies(settings: Settings) -> dict[str, Policy]:
@@ -89,6 +108,7 @@ class Learner:
         self.learned = 0
         self.skipped = 0
         self.invalid = 0  # records that are not valid log records: never learned
+        self.not_sampled = 0  # valid records outside learn_sample_rate: counted, not learned
         self.invalid_reasons: Counter[str] = Counter()
         self._snapshot_at = time.monotonic()
         self._saved_offsets: dict[int, int] = {}
@@ -152,6 +172,7 @@ class Learner:
         """
         learned = 0
         holdout = self.settings.holdout_arm
+        rate = self.settings.learn_sample_rate
         for partition, offset, value in records:
             if offset < self.offsets.get(partition, 0):
                 self.skipped += 1
@@ -171,16 +192,21 @@ class Learner:
                     exc.detail,
                 )
                 continue
+            reward = float(record.reward)
+            self._watch(str(record.arm or "unknown"), reward)
+            if not sampled(str(record.decision_id), rate):
+                self.not_sampled += 1
+                LOG_NOT_SAMPLED.inc()
+                self._count_popularity(str(record.actions[record.chosen]["id"]), reward)
+                continue
             shared, actions = record.shared(), record.action_list()
-            chosen, reward = record.chosen, float(record.reward)
-            propensity = float(record.propensity)
+            chosen, propensity = record.chosen, float(record.propensity)
             for arm, policy in self.policies.items():
                 # The holdout learns only from its own traffic: a holdout that learned from
                 # the personalized arms' choices would no longer measure "without them".
                 if arm != holdout or record.arm == holdout:
                     policy.learn(shared, actions, chosen, propensity, reward)
             self._count_popularity(actions[chosen].id, reward)
-            self._watch(str(record.arm or "unknown"), reward)
             learned += 1
         self.learned += learned
         return learned

@@ -379,3 +379,41 @@ def test_restore_without_a_snapshot_keeps_the_fresh_policies() -> None:
     policies = dict(learner.policies)
     assert asyncio.run(learner.restore()) is False
     assert learner.policies == policies and learner.offsets == {}
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def test_a_learn_sample_rate_learns_the_same_share_of_records_in_every_learner() -> None:
+    records = [(0, i, log_record(arm="vw", user=f"u{i}", reward=float(i % 2))) for i in range(2000)]
+    first = recording_learner(learn_sample_rate=0.25)
+    second = recording_learner(learn_sample_rate=0.25)
+    assert first.learn(records[:700]) + first.learn(records[700:]) == second.learn(records)
+    learned = [call[0] for call in calls(first, "vw")]
+    assert learned == [call[0] for call in calls(second, "vw")]  # the same records
+    assert 0.2 * len(records) < len(learned) < 0.3 * len(records)
+    assert first.not_sampled == len(records) - len(learned)
+    # Every record is consumed (offsets) and counted by the monitor and the pre-filter.
+    assert first.offsets == {0: len(records)}
+    assert first.monitor_summary()["vw"]["n"] == len(records)
+    everything = recording_learner()
+    assert everything.learn(records) == len(records)
+    assert first.popularity.to_dict() == everything.popularity.to_dict()
+    assert first.popularity.total == everything.popularity.total > 0
+
+
+def test_sampling_ignores_the_reward() -> None:
+    # A sample that depended on the reward would bias what the policies learn.
+    learner = recording_learner(learn_sample_rate=0.5)
+    records = [(0, i, log_record(reward=float(i % 2), user=f"u{i}")) for i in range(4000)]
+    learner.learn(records)
+    rewards = [call[4] for call in calls(learner, "vw")]
+    assert abs(sum(rewards) / len(rewards) - 0.5) < 0.05
+
+
+@pytest.mark.parametrize("rate", [0, -0.1, 1.5])
+def test_a_learn_sample_rate_outside_0_1_is_refused_by_name(rate: float) -> None:
+    from loopwise.config import ConfigError
+
+    with pytest.raises(ConfigError, match="learn_sample_rate"):
+        learner_settings(learn_sample_rate=rate)
